@@ -1,0 +1,1 @@
+"""R4T: set-valued fan-out retrieval by RL-compiled diffusion."""

@@ -1,0 +1,24 @@
+"""The thin Dagster layer: assets, checks, resources (and later sensors and schedules) over the library."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from r4t_pipeline.defs.checks import foundation_checks
+from r4t_pipeline.defs.foundation import foundation_assets
+from r4t_pipeline.defs.resources import MlflowTracking
+from r4t_pipeline.settings import Settings
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    assets, checks = [], []
+    for domain in settings.domains:
+        assets += foundation_assets(settings, domain)
+        checks += foundation_checks(domain)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        # one step at a time: training steps use every core, and the loaded encoder is reused across steps
+        executor=dg.in_process_executor,
+        resources={"mlflow": MlflowTracking(tracking_uri=settings.tracking_uri, experiment=f"r4t-{settings.profile}")},
+    )

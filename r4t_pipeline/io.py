@@ -48,7 +48,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -16,8 +16,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from r4t_pipeline.diffusion.train import DiffusionTrainConfig
+from r4t_pipeline.folm.grpo import FolmTrainConfig
+from r4t_pipeline.folm.tiny import TinyLMSize
 from r4t_pipeline.io import stable_hash
 from r4t_pipeline.paths import REPO_ROOT
+from r4t_pipeline.synth import SynthConfig
 
 Domain = Literal["polyvore", "djmix"]
 Regime = Literal["oar", "wscr"]
@@ -63,6 +67,46 @@ class QuerySettings(Section):
     seed: int = 0
 
 
+class RewardSettings(Section):
+    """Presets are files in assets/rewards/; `overrides` change single fields (e.g. a weight)."""
+
+    presets: dict[str, str] = Field(default_factory=lambda: {"oar": "oar_default", "wscr": "wscr_default"})
+    overrides: dict[str, dict[str, float | int | str]] = Field(default_factory=lambda: {"oar": {}, "wscr": {}})
+    k: int = Field(10, description="sub-queries / retrieval directions per fan-out")
+
+
+class FolmSettings(Section):
+    base: Literal["pretrained", "bootstrap"] = Field(
+        "pretrained", description="pretrained: `base_model` (hub id or folder; offline copy of SmolLM2); "
+                                  "bootstrap: a small LM trained here on (collection title -> item names)")
+    base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    bootstrap_size: TinyLMSize = TinyLMSize()
+    bootstrap_sft_steps: int = 300
+    max_train_queries: int | None = None
+    train: FolmTrainConfig = FolmTrainConfig()
+
+
+class DiffusionSettings(Section):
+    denoiser_preset: Literal["smoke", "demo", "paper"] = "demo"
+    denoiser_overrides: dict[str, int | float] = Field(default_factory=dict)
+    train: DiffusionTrainConfig = DiffusionTrainConfig()
+    sampler: Literal["heun", "sde"] = "heun"
+    sampler_steps: int | None = None
+    guidance: float = 0.1
+
+
+class EvaluationSettings(Section):
+    max_queries: int | None = 200
+    runs: int = Field(5, description="independent runs per query for the WSCR Vendi Score")
+    per_direction: int = Field(500, description="WSCR candidates per direction (paper: 500, pool 5,000)")
+    catalog_pool_fraction: float = Field(0.035, description="second WSCR pool: this fraction of the catalog")
+    best_of_n: int = 10
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [8, 64, 256, 1024])
+    latency_repeats: int = 3
+    latency_budget_seconds: float = Field(60.0, description="a method skips larger batches once one run exceeds this")
+    seed: int = 0
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,6 +119,11 @@ class Settings(BaseModel):
     encoder: EncoderSettings = EncoderSettings()
     index: IndexSettings = IndexSettings()
     queries: QuerySettings = QuerySettings()
+    rewards: RewardSettings = RewardSettings()
+    folm: FolmSettings = FolmSettings()
+    synth: SynthConfig = SynthConfig()
+    diffusion: DiffusionSettings = DiffusionSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @property
     def root(self) -> Path:
@@ -97,6 +146,15 @@ PROFILES: dict[str, dict] = {
     "smoke": {
         "catalog": {"max_collections": {"polyvore": 60, "djmix": 40}},
         "queries": {"max_template_queries": 60, "max_title_queries": 30, "max_wscr_pairs": 60},
+        "folm": {"base": "bootstrap", "bootstrap_sft_steps": 20, "max_train_queries": 8,
+                 "train": {"steps": 2, "group_size": 4, "per_step_queries": 2, "max_new_tokens": 40,
+                           "learning_rate": 1e-4, "save_every": 1}},
+        "synth": {"samples_per_query": 4, "max_queries": 6, "keep_fraction": 0.5, "max_new_tokens": 40,
+                  "chunk_queries": 3, "min_subqueries_fraction": 0.0},
+        "diffusion": {"denoiser_preset": "smoke", "sampler_steps": 4,
+                      "train": {"steps": 20, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10}},
+        "evaluation": {"max_queries": 4, "runs": 2, "per_direction": 20, "best_of_n": 2,
+                       "latency_batch_sizes": [4, 8], "latency_repeats": 1},
     },
     "paper": {
         "queries": {"max_template_queries": 40000},

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 from r4t_pipeline.defs.checks import foundation_checks
+from r4t_pipeline.defs.evaluation import evaluation_asset, report_assets
 from r4t_pipeline.defs.foundation import foundation_assets
 from r4t_pipeline.defs.resources import MlflowTracking
+from r4t_pipeline.defs.stages import folm_base_asset, stage_assets
 from r4t_pipeline.settings import Settings
 
 
@@ -15,6 +17,11 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     for domain in settings.domains:
         assets += foundation_assets(settings, domain)
         checks += foundation_checks(domain)
+        assets.append(folm_base_asset(settings, domain))
+        for regime in settings.regimes:
+            assets += stage_assets(settings, domain, regime)
+            assets.append(evaluation_asset(settings, domain, regime))
+    assets += report_assets(settings)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 
@@ -19,10 +20,16 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(_metric_name(k), float(v), now, step)
+                                                    for k, v in metrics.items()])
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+def _metric_name(name: str) -> str:
+    """MLflow refuses names like 'recall@5K' or 'hit@3.5%'."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
 
 
 class MlflowTracking(dg.ConfigurableResource):

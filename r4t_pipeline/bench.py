@@ -1,0 +1,99 @@
+"""Fan-out latency benchmark (SPEC §7): wall-clock time per batch for every method, in one process on
+one machine; warm-up excluded, median over repeats. The diffusion retriever runs with the paper's SDE
+sampler (256 steps) and with few-step Heun. Methods too slow for a batch size on this machine (one run
+over `budget_seconds`) skip the larger sizes, and the JSON says so."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from importlib.metadata import version
+
+import numpy as np
+import torch
+
+from r4t_pipeline.retrievers import Retriever
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": torch.get_num_threads(),
+            "device": gpu or "cpu", "torch": torch.__version__,
+            "versions": {p: version(p) for p in ("transformers", "faiss-cpu", "dagster", "numpy")}}
+
+
+def time_batches(retriever: Retriever, queries: list[str], batch_sizes: list[int], repeats: int, pool_size: int,
+                 budget_seconds: float) -> dict[str, dict]:
+    """{batch size: {median_seconds, runs, fanout_median_seconds}} or {skipped: reason}."""
+    results: dict[str, dict] = {}
+    retriever.retrieve(queries[:min(8, len(queries))], pool_size, seed=0)  # warm-up: lazy init, caches, kernels
+    over_budget = False
+    for size in batch_sizes:
+        if over_budget:
+            results[str(size)] = {"skipped": f"a smaller batch took over {budget_seconds:.0f} s on this machine"}
+            continue
+        batch = [queries[i % len(queries)] for i in range(size)]
+        totals, fanouts = [], []
+        for r in range(repeats):
+            started = time.perf_counter()
+            out = retriever.retrieve(batch, pool_size, seed=r)
+            totals.append(time.perf_counter() - started)
+            fanouts.append(out.fanout_seconds)
+            if totals[-1] > budget_seconds:
+                over_budget = True
+                break
+        results[str(size)] = {"median_seconds": statistics.median(totals), "runs": totals,
+                              "fanout_median_seconds": statistics.median(fanouts),
+                              "ms_per_query": 1000 * statistics.median(totals) / size}
+    return results
+
+
+def folm_diffusion_ratio(results: dict[str, dict], folm: str, diffusion: str) -> dict[str, float]:
+    """How many times slower the autoregressive FOLM is than the diffusion retriever, per batch size."""
+    ratios = {}
+    for size, row in results.get(diffusion, {}).items():
+        other = results.get(folm, {}).get(size, {})
+        if "median_seconds" in row and "median_seconds" in other:
+            ratios[size] = other["median_seconds"] / row["median_seconds"]
+    return ratios
+
+
+def format_table(results: dict[str, dict], batch_sizes: list[int]) -> str:
+    header = "| method | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |"
+    lines = [header, "|---" * (len(batch_sizes) + 1) + "|"]
+    for method, rows in results.items():
+        cells = [f"{rows[str(b)]['median_seconds']:.3f} s" if "median_seconds" in rows.get(str(b), {}) else "n/a"
+                 for b in batch_sizes]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sample_queries(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [texts[i] for i in rng.permutation(len(texts))[:n]]
+
+
+def run_benchmark(settings, domain: str, regime: str, batch_sizes: list[int], repeats: int,
+                  budget_seconds: float, methods: list[str] | None = None, heun_steps: int = 16) -> dict:
+    """Time every method (default: all five, the diffusion retriever with both samplers) on test queries."""
+    from r4t_pipeline import stack
+    from r4t_pipeline.queries import load_corpus
+
+    queries = load_corpus(settings.artefact(domain, "broad_queries"), regime, "test")["query"].tolist()
+    pool = settings.rewards.k if regime == "oar" else settings.rewards.k * settings.evaluation.per_direction
+    variants = {"r4t_diffusion_sde256": ("r4t_diffusion", "sde", 256),
+                f"r4t_diffusion_heun{heun_steps}": ("r4t_diffusion", "heun", heun_steps)}
+    names = [m for m in (methods or stack.METHODS) if m != "r4t_diffusion"]
+    if methods is None or "r4t_diffusion" in methods:
+        names += list(variants)
+    results = {}
+    for name in names:
+        method, sampler, steps = variants.get(name, (name, None, None))
+        retriever = stack.build_retriever(settings, domain, regime, method, sampler=sampler, steps=steps)
+        results[name] = time_batches(retriever, queries, batch_sizes, repeats, pool, budget_seconds)
+    return {"machine": machine(), "domain": domain, "regime": regime, "pool_size": pool,
+            "config": {"batch_sizes": batch_sizes, "repeats": repeats, "budget_seconds": budget_seconds,
+                       "k": settings.rewards.k, "profile": settings.profile},
+            "results": results,
+            "folm_over_diffusion": {v: folm_diffusion_ratio(results, "r4t_folm", v) for v in variants}}

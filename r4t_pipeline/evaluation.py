@@ -1,0 +1,132 @@
+"""Evaluation (SPEC §7, paper Appendix B) of any `Retriever` on held-out queries.
+
+WSCR: Recall@pool and Hit@pool (each of K directions retrieves pool/K candidates; the paper's pool is
+5,000 = 10 x 500; we also report a pool of 3.5% of the catalog, the paper's pool-to-catalog ratio), and
+the Vendi Score across R independent runs of each query's representative embedding (mean direction).
+OAR: embedding proxies, on 0-100, of the paper's LLM-judge dimensions:
+  groundedness = mean cos(retrieved collection, the direction that retrieved it)
+  diversity    = (VS(retrieved collections) - 1) / (K - 1)   (Vendi, cosine kernel; duplicates count)
+  alignment    = mean cos(retrieved collection, E_q(query))
+Every number is a mean over queries with a bootstrap standard error over queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from r4t_pipeline.encoders import l2_normalize
+from r4t_pipeline.retrievers import RetrievalBatch, Retriever
+from r4t_pipeline.rewards import vendi_score
+
+
+def mean_and_error(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Mean over queries and the bootstrap standard deviation of that mean."""
+    values = np.asarray(values, np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return float(values.mean()), float(boots.std())
+
+
+def wscr_pool_metrics(batch: RetrievalBatch, reference_ids: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+    recall, hit = [], []
+    for fanout, reference in zip(batch.fanouts, reference_ids):
+        pool = {i for ids in fanout.candidate_ids for i in ids}
+        found = len(set(reference) & pool)
+        recall.append(found / len(set(reference)))
+        hit.append(float(found > 0))
+    return {"recall": np.array(recall), "hit": np.array(hit)}
+
+
+def run_vendi(runs: Sequence[RetrievalBatch]) -> np.ndarray:
+    """Per query: Vendi Score across R runs of the run's representative embedding (its mean direction)."""
+    per_query = zip(*[[l2_normalize(f.directions.mean(axis=0)) for f in batch.fanouts] for batch in runs])
+    return np.array([float(vendi_score(np.stack(reps))) for reps in per_query])
+
+
+def oar_proxies(batch: RetrievalBatch, retriever: Retriever, query_vectors: np.ndarray) -> dict[str, np.ndarray]:
+    position = {item_id: n for n, item_id in enumerate(retriever.index.ids.tolist())}
+    grounded, diverse, aligned = [], [], []
+    for fanout, query_vector in zip(batch.fanouts, query_vectors):
+        retrieved = retriever.index.vectors[[position[i] for ids in fanout.candidate_ids for i in ids]]
+        grounded.append(float(np.concatenate(fanout.candidate_scores).mean()))
+        diverse.append((float(vendi_score(retrieved)) - 1) / max(len(retrieved) - 1, 1))
+        aligned.append(float((retrieved @ query_vector).mean()))
+    return {name: 100 * np.array(v) for name, v in
+            (("groundedness", grounded), ("diversity", diverse), ("alignment", aligned))}
+
+
+def evaluate_wscr(retriever: Retriever, queries: list[str], reference_ids: list[list[str]], pools: dict[str, int],
+                  runs: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """`pools`: label -> pool size, e.g. {"5K": 5000, "3.5%": 668}. Vendi uses the runs of the first pool."""
+    metrics: dict[str, tuple[float, float]] = {}
+    for n, (label, pool) in enumerate(pools.items()):
+        batches = [retriever.retrieve(queries, pool, seed=seed + r, reference_ids=reference_ids)
+                   for r in range(runs if n == 0 else 1)]
+        scores = wscr_pool_metrics(batches[0], reference_ids)
+        metrics[f"recall@{label}"] = mean_and_error(100 * scores["recall"])
+        metrics[f"hit@{label}"] = mean_and_error(100 * scores["hit"])
+        if n == 0:
+            metrics["vendi"] = mean_and_error(run_vendi(batches))
+            metrics["fanout_seconds_per_query"] = (sum(b.fanout_seconds for b in batches) / (runs * len(queries)), 0.0)
+    return metrics
+
+
+def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+    batch = retriever.retrieve(queries, k, seed=seed)
+    proxies = oar_proxies(batch, retriever, retriever.space.encode_queries(queries))
+    proxies["average"] = (proxies["groundedness"] + proxies["diversity"] + proxies["alignment"]) / 3
+    metrics = {name: mean_and_error(values) for name, values in proxies.items()}
+    metrics["fanout_seconds_per_query"] = (batch.fanout_seconds / len(queries), 0.0)
+    return metrics
+
+
+def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] | None = None,
+                   n_examples: int = 3) -> dict:
+    """All methods on the regime's test split: metrics per method and a few qualitative examples."""
+    from r4t_pipeline import stack
+    from r4t_pipeline.catalog import Catalog
+    from r4t_pipeline.queries import load_corpus
+
+    cfg, k = settings.evaluation, settings.rewards.k
+    test = load_corpus(settings.artefact(domain, "broad_queries"), regime, "test")
+    if cfg.max_queries:
+        test = test.sample(n=min(cfg.max_queries, len(test)), random_state=cfg.seed).reset_index(drop=True)
+    queries = test["query"].tolist()
+    catalog = Catalog.load(settings.artefact(domain, "catalog"))
+    paper_pool = k * cfg.per_direction
+    pools = {f"{paper_pool // 1000}K" if paper_pool % 1000 == 0 else str(paper_pool): paper_pool,
+             f"{100 * cfg.catalog_pool_fraction:g}%": max(k, round(cfg.catalog_pool_fraction * len(catalog.items)))}
+    label = _labeller(catalog, regime)
+    metrics, examples = {}, {}
+    for method in methods or stack.METHODS:
+        retriever = stack.build_retriever(settings, domain, regime, method)
+        if regime == "wscr":
+            metrics[method] = evaluate_wscr(retriever, queries, test["reference_ids"].tolist(), pools, cfg.runs,
+                                            cfg.seed)
+        else:
+            metrics[method] = evaluate_oar(retriever, queries, k, cfg.seed)
+        if method in ("zero_shot", "r4t_folm", "r4t_diffusion"):
+            batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
+            examples[method] = [{"query": f.query, "directions": [
+                {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
+                for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
+    return {"domain": domain, "regime": regime, "queries": len(queries), "pools": pools, "metrics": metrics,
+            "examples": examples}
+
+
+def _labeller(catalog, regime: str):
+    """Readable text for a retrieved id: an item's text, or a collection's title and first items."""
+    items = dict(zip(catalog.items["item_id"], catalog.items["text"]))
+    if regime == "wscr":
+        return items.__getitem__
+    collections = {cid: (title, ids) for cid, title, ids in zip(
+        catalog.collections["collection_id"], catalog.collections["title"], catalog.collections["item_ids"])}
+
+    def label(collection_id: str) -> str:
+        title, ids = collections[collection_id]
+        return f"{title or collection_id}: " + "; ".join(items[i] for i in ids[:3])
+    return label

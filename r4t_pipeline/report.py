@@ -1,0 +1,140 @@
+"""The evaluation report: Markdown (shown in the Dagster UI) and a self-contained HTML page (figures
+inlined as PNG), in the shape of the paper's Table 1 (OAR) and Table 2 (WSCR)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+METHOD_NAMES = {"no_fanout": "No fan-out", "zero_shot": "Zero-shot fan-out", "best_of_n": "Best-of-N",
+                "r4t_folm": "R4T-FOLM", "r4t_diffusion": "R4T-Diffusion"}
+OAR_COLUMNS = ("diversity", "alignment", "groundedness", "average")
+
+
+def _cell(value: tuple[float, float], digits: int = 1) -> str:
+    mean, err = value
+    return f"{mean:.{digits}f} ± {err:.{digits}f}"
+
+
+def metrics_table(evaluation: dict) -> str:
+    metrics = evaluation["metrics"]
+    if evaluation["regime"] == "oar":
+        columns = list(OAR_COLUMNS)
+    else:
+        pools = list(evaluation["pools"])
+        columns = [f"{m}@{p}" for p in pools for m in ("recall", "hit")] + ["vendi"]
+    header = "| method | " + " | ".join(columns) + " |"
+    rows = [header, "|---" * (len(columns) + 1) + "|"]
+    for method in sorted(metrics, key=list(METHOD_NAMES).index):
+        values = metrics[method]
+        digits = [2 if c == "vendi" else 1 for c in columns]
+        rows.append(f"| {METHOD_NAMES.get(method, method)} | "
+                    + " | ".join(_cell(values[c], d) for c, d in zip(columns, digits)) + " |")
+    return "\n".join(rows)
+
+
+def _pool_note(evaluation: dict) -> str:
+    if evaluation["regime"] == "oar":
+        return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
+                "Mean ± bootstrap standard error over test queries.")
+    pools = ", ".join(f"{label} = {size:,} candidates" for label, size in evaluation["pools"].items())
+    return (f"Pools per query: {pools} (the paper's 5K is 3.5% of its catalog; both shown). Recall/Hit in %. "
+            "Vendi across independent runs. Mean ± bootstrap standard error over test queries.")
+
+
+def _figure_png(draw) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    draw(ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def latency_figure(benchmark: dict) -> str:
+    def draw(ax):
+        for method, rows in benchmark["results"].items():
+            sizes = [int(b) for b, r in rows.items() if "median_seconds" in r]
+            ax.plot(sizes, [rows[str(b)]["median_seconds"] for b in sizes], marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="batch size (queries)", ylabel="seconds per batch (median)",
+               title=f"Fan-out latency, {benchmark['machine']['device']}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    return _figure_png(draw)
+
+
+def reward_figure(curves: dict[str, list[dict[str, float]]]) -> str:
+    def draw(ax):
+        for name, history in curves.items():
+            ax.plot([h.get("reward/total", h.get("reward", float("nan"))) for h in history], label=name)
+        ax.set(xlabel="GRPO step", ylabel="mean training reward", title="RL training reward")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return _figure_png(draw)
+
+
+def _examples_md(evaluation: dict) -> str:
+    lines = []
+    for method, examples in evaluation["examples"].items():
+        for ex in examples[:1]:
+            lines.append(f"**{METHOD_NAMES.get(method, method)}**: *{ex['query']}*")
+            for n, d in enumerate(ex["directions"]):
+                lines.append(f"{n + 1}. {d['subquery'] or '(direction)'} → {d['top_item']}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_markdown(evaluations: list[dict], benchmark: dict | None) -> str:
+    parts = ["# R4T evaluation report", ""]
+    for ev in evaluations:
+        table = "Table 1 (OAR)" if ev["regime"] == "oar" else "Table 2 (WSCR)"
+        parts += [f"## {ev['domain']} · {ev['regime'].upper()} ({table} shape, {ev['queries']} test queries)", "",
+                  metrics_table(ev), "", _pool_note(ev), "", "### Examples", "", _examples_md(ev), ""]
+    if benchmark:
+        from r4t_pipeline.bench import format_table
+
+        sizes = benchmark["config"]["batch_sizes"]
+        parts += ["## Fan-out latency (seconds per batch, median)", "", format_table(benchmark["results"], sizes), "",
+                  f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
+                  f"{benchmark['domain']}/{benchmark['regime']}; n/a = skipped after exceeding the time budget."]
+    return "\n".join(parts)
+
+
+def render_html(markdown_text: str, figures: dict[str, str]) -> str:
+    """A self-contained page: the Markdown tables rendered as HTML plus inline PNG figures."""
+    body, in_table = [], False
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    if in_table:
+        body.append("</table>")
+    for title, png in figures.items():
+        body.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>R4T evaluation report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")

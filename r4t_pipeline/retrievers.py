@@ -1,0 +1,165 @@
+"""One retriever interface for every method: a batch of query texts in; for each query its retrieval
+directions (and sub-queries, for text fan-outs), the candidates of each direction, and the merged set.
+
+`pool_size` is the candidate budget per query, split evenly over a method's directions (OAR: K, one
+item per direction; WSCR: K x m, e.g. 10 x 500 = 5,000), so every method gets the same pool.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from r4t_pipeline.encoders import EmbeddingSpace
+from r4t_pipeline.fanout import parse_fanout
+from r4t_pipeline.index import VectorIndex
+
+
+@dataclass
+class Fanout:
+    """One query's fan-out: directions (n, d), and each direction's candidate ids and scores."""
+
+    query: str
+    directions: np.ndarray
+    candidate_ids: list[list[str]]
+    candidate_scores: list[np.ndarray]
+    subqueries: list[str] | None = None
+
+    @property
+    def merged(self) -> list[str]:
+        """The item set: candidates interleaved by rank across directions, first occurrence kept."""
+        ranked = (ids[r] for r in range(max(map(len, self.candidate_ids), default=0))
+                  for ids in self.candidate_ids if r < len(ids))
+        return list(dict.fromkeys(ranked))
+
+
+@dataclass
+class RetrievalBatch:
+    fanouts: list[Fanout]
+    fanout_seconds: float       # generating the directions (the cost R4T compiles away)
+    search_seconds: float       # nearest-neighbour search of all directions
+    extras: dict = field(default_factory=dict)
+
+
+class Retriever(ABC):
+    name: str
+
+    def __init__(self, space: EmbeddingSpace, index: VectorIndex):
+        self.space, self.index = space, index
+
+    @abstractmethod
+    def directions(self, queries: list[str], seed: int, reference_ids: list[list[str]] | None = None
+                   ) -> tuple[list[np.ndarray], list[list[str]] | None]:
+        """Per query an (n, d) array of unit directions, and the sub-query texts when there are any."""
+
+    def retrieve(self, queries: list[str], pool_size: int, seed: int = 0,
+                 reference_ids: list[list[str]] | None = None) -> RetrievalBatch:
+        if not queries or any(not q.strip() for q in queries):
+            raise ValueError("queries must be non-empty texts")
+        started = time.perf_counter()
+        directions, subqueries = self.directions(queries, seed, reference_ids)
+        fanned = time.perf_counter()
+        per_direction = [max(1, -(-pool_size // len(d))) for d in directions]  # ceil
+        rows = np.concatenate(directions)
+        scores, positions = self.index.search(rows, max(per_direction))
+        searched = time.perf_counter()
+        fanouts, row = [], 0
+        for i, (query, dirs) in enumerate(zip(queries, directions)):
+            block = slice(row, row + len(dirs))
+            row += len(dirs)
+            m = per_direction[i]
+            fanouts.append(Fanout(query, dirs, [list(self.index.ids[p[:m]]) for p in positions[block]],
+                                  list(scores[block, :m]), None if subqueries is None else subqueries[i]))
+        return RetrievalBatch(fanouts, fanned - started, searched - fanned)
+
+
+class NoFanout(Retriever):
+    """The query alone, one direction: E_q(q)."""
+
+    name = "no_fanout"
+
+    def directions(self, queries, seed, reference_ids=None):
+        return list(self.space.encode_queries(queries)[:, None, :]), None
+
+
+class TextFanout(Retriever):
+    """Sub-queries written by a causal LM, each embedded by E_q. An unparseable completion falls back to
+    the query itself, so every query gets at least one direction."""
+
+    name = "text_fanout"
+
+    def __init__(self, space: EmbeddingSpace, index: VectorIndex, model, tokenizer, k: int,
+                 temperature: float = 0.9, max_new_tokens: int = 128, batch_size: int = 16):
+        super().__init__(space, index)
+        self.model, self.tokenizer, self.k = model, tokenizer, k
+        self.temperature, self.max_new_tokens, self.batch_size = temperature, max_new_tokens, batch_size
+
+    def sample_subqueries(self, queries: list[str], num_samples: int, seed: int) -> list[list[list[str]]]:
+        from r4t_pipeline.folm.generate import generate_fanouts
+
+        completions = generate_fanouts(self.model, self.tokenizer, queries, self.k, num_samples, self.temperature,
+                                       self.max_new_tokens, self.batch_size, seed)
+        return [[list(parse_fanout(c, self.k).subqueries) or [q] for c in group]
+                for q, group in zip(queries, completions)]
+
+    def directions(self, queries, seed, reference_ids=None):
+        subqueries = [group[0] for group in self.sample_subqueries(queries, 1, seed)]
+        return self._embed(subqueries), subqueries
+
+    def _embed(self, subqueries: list[list[str]]) -> list[np.ndarray]:
+        flat = self.space.encode_queries([s for group in subqueries for s in group])
+        bounds = np.cumsum([0] + [len(g) for g in subqueries])
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ZeroShotFanout(TextFanout):
+    """The base FOLM before RL."""
+
+    name = "zero_shot"
+
+
+class R4TFolm(TextFanout):
+    """The RL-tuned FOLM."""
+
+    name = "r4t_folm"
+
+
+class BestOfN(TextFanout):
+    """N zero-shot fan-outs per query, the best kept by the training reward. In WSCR that reward reads
+    the reference set, so Best-of-N there is an oracle-selected baseline (as in the paper's setup)."""
+
+    name = "best_of_n"
+
+    def __init__(self, *args, scorer, n: int = 10, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scorer, self.n = scorer, n
+
+    def directions(self, queries, seed, reference_ids=None):
+        samples = self.sample_subqueries(queries, self.n, seed)
+        flat_queries = [q for q, group in zip(queries, samples) for _ in group]
+        flat_refs = None if reference_ids is None else [r for r, group in zip(reference_ids, samples) for _ in group]
+        totals = np.array([t["total"] for t in self.scorer.score_subqueries(
+            flat_queries, [s for group in samples for s in group], flat_refs)]).reshape(len(queries), -1)
+        best = [group[int(np.argmax(row))] for group, row in zip(samples, totals)]
+        return self._embed(best), best
+
+
+class R4TDiffusion(Retriever):
+    """All K directions in one pass of the EDM diffusion transformer, conditioned on E_q(q)."""
+
+    name = "r4t_diffusion"
+
+    def __init__(self, space: EmbeddingSpace, index: VectorIndex, model, sampler: Literal["heun", "sde"] = "heun",
+                 steps: int | None = None, guidance: float = 0.1):
+        super().__init__(space, index)
+        self.model, self.sampler, self.steps, self.guidance = model, sampler, steps, guidance
+
+    def directions(self, queries, seed, reference_ids=None):
+        conditions = self.space.encode_queries(queries)
+        samples = self.model.sample(conditions, sampler=self.sampler, steps=self.steps, guidance=self.guidance,
+                                    seed=seed)
+        return list(samples), None

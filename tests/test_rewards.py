@@ -1,0 +1,290 @@
+"""Set-level rewards: hand-computed term values, and the paper's reward-hacking cases on real Polyvore items."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from r4t_pipeline.catalog import item_text
+from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, MiniLMEncoder
+from r4t_pipeline.index import VectorIndex
+from r4t_pipeline.rewards import (
+    FanoutScorer,
+    RewardConfig,
+    alignment,
+    coverage,
+    diversity,
+    groundedness,
+    load_reward_preset,
+    soft_coverage,
+    vendi_score,
+)
+
+POLYVORE = Path(os.environ.get("R4T_DATA_DIR", "/work/shared/data")) / "polyvore"
+THEME = re.compile(r"boho|bohemian|festival|coachella", re.IGNORECASE)
+QUERY = "bohemian festival style"
+K = 10
+# (c) distinct, on-topic, catalog-grounded sub-queries: real item names from the valid split's boho outfits
+GROUNDED = ["women boho half sleeve v neck floral chiffon mini dress", "boho style thong wedge sandals",
+            "boho crossbody khaki crossbody bags", "chicnova fashion boho drop earrings", "vintage bohemian necklace",
+            "see chloé boho floral print maxi skirt", "preowned hand embroidered beaded bohemian blouse",
+            "etro paisley shoulder bag leather fringe", "miss selfridge oversized fringe crochet shawl",
+            "melissa raffia sun hat"]
+# (b) paraphrases of the query
+PARAPHRASES = ["bohemian festival style", "boho festival style", "bohemian festival fashion", "bohemian festival outfit",
+               "boho festival look", "bohemian style for festivals", "festival bohemian fashion",
+               "boho chic festival style", "bohemian festival look", "festival boho outfit"]
+# (a) is K copies of the text of one real, off-topic item ("gold notes", Stationery): a string sitting
+# exactly on a database item, what a groundedness-only policy converges to.
+DEGENERATE_ITEM_NAME = "gold notes"
+
+
+# ---- hand-computed term values -------------------------------------------------------------------
+
+def test_vendi_of_identical_vectors_is_one_and_of_orthonormal_vectors_is_k():
+    v = np.zeros(8, np.float32)
+    v[3] = 1.0
+    assert vendi_score(np.tile(v, (5, 1))) == pytest.approx(1.0, abs=1e-9)
+    assert vendi_score(np.eye(5, 8)) == pytest.approx(5.0, abs=1e-9)
+    assert diversity(np.eye(5, 8)) == pytest.approx(1.0, abs=1e-9)
+    assert diversity(np.tile(v, (5, 1))) == pytest.approx(0.2, abs=1e-9)
+
+
+def test_vendi_of_two_vectors_at_60_degrees():
+    # cos = 1/2: S/2 = [[1/2, 1/4], [1/4, 1/2]] has eigenvalues 3/4 and 1/4
+    pair = np.array([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))  # = 1.7548
+    assert vendi_score(pair) == pytest.approx(expected, abs=1e-9)
+    assert expected == pytest.approx(1.7548, abs=1e-4)
+
+
+def test_terms_accept_a_batch_dimension():
+    batch = np.stack([np.eye(3), np.tile(np.eye(3)[:1], (3, 1))])  # (2, 3, 3)
+    np.testing.assert_allclose(vendi_score(batch), [3.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(groundedness(np.array([[1.0, 0.5, 0.0], [0.2, 0.2, 0.2]])), [0.5, 0.2])
+    query = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(alignment(batch, query), [1 / 3, 0.0], atol=1e-12)
+
+
+def test_coverage_and_soft_coverage_by_hand():
+    retrieved = [["a", "b", "c"], ["d", "e", "a"]]
+    assert coverage(retrieved, ["a", "e"]) == 1.0
+    assert coverage(retrieved, ["x", "y"]) == 0.0
+    assert coverage(retrieved, ["a", "x", "x"]) == 0.5  # Y is a set
+    with pytest.raises(ValueError, match="reference_ids"):
+        coverage(retrieved, [])
+    sub = np.array([[1.0, 0.0], [0.0, 1.0]])
+    reference = np.array([[1.0, 0.0], [math.sqrt(0.5), math.sqrt(0.5)], [-1.0, 0.0]])
+    assert soft_coverage(sub, reference) == pytest.approx((1.0 + math.sqrt(0.5) + 0.0) / 3)
+
+
+def test_config_composites_and_empty_parse_reward():
+    oar = RewardConfig()
+    assert oar.composite({"groundedness": 1.0, "diversity": 0.5, "alignment": 0.0}) == pytest.approx(0.7)
+    assert oar.empty_parse_reward == pytest.approx(-0.6 - 0.2 - 0.5)  # r_g = r_a = -1, r_d -> 0, format -0.5
+    wscr = RewardConfig(regime="wscr")
+    assert wscr.composite({"coverage": 1.0, "soft_coverage": 0.5}) == pytest.approx(0.75)
+    assert wscr.empty_parse_reward == pytest.approx(-0.5 - 0.5)
+    with pytest.raises(ValueError, match="w_diversity"):
+        RewardConfig(w_diversity=-0.1)
+
+
+def test_presets_load_and_unknown_names_fail(tmp_path):
+    default = load_reward_preset("oar_default")
+    assert (default.w_groundedness, default.w_diversity, default.w_alignment, default.k) == (0.6, 0.2, 0.2, 10)
+    wscr = load_reward_preset("wscr_default")
+    assert (wscr.regime, wscr.coverage_top_m, wscr.coverage_hard_weight) == ("wscr", 500, 0.5)
+    assert load_reward_preset("oar_groundedness_only").w_diversity == 0.0
+    assert load_reward_preset("oar_groundedness_alignment").w_diversity == 0.0
+    with pytest.raises(ValueError, match="oar_default"):
+        load_reward_preset("no_such_preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("regime: oar\nw_groundness: 0.6\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_reward_preset(bad)
+
+
+# ---- a real Polyvore database --------------------------------------------------------------------
+
+class CountingSpace(EmbeddingSpace):
+    """The real space, recording each encode_queries batch so the test can see the encoder calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.query_batches: list[list[str]] = []
+
+    def encode_queries(self, texts):
+        self.query_batches.append(list(texts))
+        return super().encode_queries(texts)
+
+
+@pytest.fixture(scope="module")
+def polyvore(tmp_path_factory):
+    """~1,500 real items: the boho/festival outfits' items first, then other outfits in file order."""
+    if not (POLYVORE / "valid_no_dup.json.gz").exists():
+        pytest.skip(f"Polyvore data not found under {POLYVORE} (set R4T_DATA_DIR)")
+    categories = {}
+    for line in (POLYVORE / "category_id.txt").read_text().splitlines():
+        cid, _, name = line.strip().partition(" ")
+        if cid.isdigit():
+            categories[int(cid)] = name.strip()
+    with gzip.open(POLYVORE / "valid_no_dup.json.gz", "rt") as fh:
+        outfits = json.load(fh)
+    texts, outfit_items = {}, {}
+    for outfit in sorted(outfits, key=lambda o: not THEME.search(o["name"])):
+        named = [(re.search(r"tid=(\d+)", it["image"]).group(1), it["name"].strip(), it["categoryid"])
+                 for it in outfit["items"] if it["name"].strip()]
+        outfit_items[outfit["set_id"]] = [(tid, name) for tid, name, _ in named]
+        texts.update({tid: item_text(name, categories.get(cid, "")) for tid, name, cid in named if tid not in texts})
+        if len(texts) >= 1500:
+            break
+    ids = list(texts)
+    # the on-disk cache lets each preset's scorer reuse sub-query embeddings another scorer computed
+    cache = EmbeddingCache(tmp_path_factory.mktemp("embeddings") / "cache.sqlite")
+    space = CountingSpace(MiniLMEncoder(device="cpu"), dim=128, cache=cache)
+    index = VectorIndex.build(space.encode_items([texts[i] for i in ids]), ids)
+    names = {name for items in outfit_items.values() for _, name in items}
+    return {"space": space, "index": index, "texts": texts, "outfit_items": outfit_items, "names": names,
+            "outfit_titles": {o["set_id"]: o["name"] for o in outfits}}
+
+
+@pytest.fixture(scope="module")
+def hacking_fanouts(polyvore):
+    degenerate = next(text for tid, text in polyvore["texts"].items()
+                      if text.startswith(DEGENERATE_ITEM_NAME + " ("))
+    assert set(GROUNDED) <= polyvore["names"], "the grounded sub-queries must be real catalog item names"
+    return {"degenerate": [degenerate] * K, "paraphrases": PARAPHRASES, "grounded": GROUNDED}
+
+
+def scorer_for(polyvore, config: RewardConfig | str) -> FanoutScorer:
+    config = load_reward_preset(config) if isinstance(config, str) else config
+    return FanoutScorer(polyvore["space"], polyvore["index"], config)
+
+
+def score_cases(polyvore, fanouts, preset: str) -> dict[str, dict[str, float]]:
+    names = list(fanouts)
+    scores = scorer_for(polyvore, preset).score_subqueries([QUERY] * len(names), [fanouts[n] for n in names])
+    return dict(zip(names, scores))
+
+
+def test_all_three_terms_rank_grounded_diverse_fanout_above_both_hacks(polyvore, hacking_fanouts):
+    s = score_cases(polyvore, hacking_fanouts, "oar_default")
+    assert s["grounded"]["total"] > s["degenerate"]["total"]
+    assert s["grounded"]["total"] > s["paraphrases"]["total"]
+    # why: the copies retrieve one item (Vendi 1 -> r_d = 1/K); the paraphrases align best but spread less
+    assert s["degenerate"]["diversity"] == pytest.approx(1 / K, abs=1e-6)
+    assert s["paraphrases"]["diversity"] < s["grounded"]["diversity"]
+    assert s["paraphrases"]["alignment"] > max(s["grounded"]["alignment"], s["degenerate"]["alignment"])
+    assert s["degenerate"]["groundedness"] == pytest.approx(1.0, abs=1e-5)  # sits exactly on an item
+    assert all(r["format"] == 0.0 for r in s.values())
+
+
+def test_groundedness_only_lets_the_degenerate_fanout_win(polyvore, hacking_fanouts):
+    s = score_cases(polyvore, hacking_fanouts, "oar_groundedness_only")
+    assert s["degenerate"]["total"] > s["grounded"]["total"] > s["paraphrases"]["total"]
+
+
+def test_without_diversity_the_degenerate_fanout_nearly_catches_up(polyvore, hacking_fanouts):
+    full = score_cases(polyvore, hacking_fanouts, "oar_default")
+    no_diversity = score_cases(polyvore, hacking_fanouts, "oar_groundedness_alignment")
+    margin = {name: s["grounded"]["total"] - s["degenerate"]["total"] for name, s in
+              [("full", full), ("no_diversity", no_diversity)]}
+    assert margin["no_diversity"] < margin["full"] / 2
+
+
+def test_subquery_equal_to_an_item_text_has_maximal_groundedness(polyvore, hacking_fanouts):
+    item_texts = list(polyvore["texts"].values())[:K]
+    scorer = scorer_for(polyvore, "oar_default")
+    exact, *others = scorer.score_subqueries([QUERY] * 4, [item_texts, *hacking_fanouts.values()])
+    assert exact["groundedness"] == pytest.approx(1.0, abs=1e-5)
+    assert all(exact["groundedness"] >= o["groundedness"] - 1e-6 for o in others)
+
+
+def test_text_path_format_term_and_empty_parse(polyvore, hacking_fanouts):
+    scorer = scorer_for(polyvore, "oar_default")
+    numbered = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(GROUNDED))
+    completions = {
+        "exact": numbered,
+        "three": "\n".join(GROUNDED[:3]),
+        "copies": "\n".join(hacking_fanouts["degenerate"]),  # duplicates are dropped by the parser: 1 left
+        "too_many": numbered + "\n" + "\n".join(f"- {p}" for p in PARAPHRASES * 2 + ["extra one", "extra two"]),
+        "empty": "",
+        "unparseable": "<|im_end|>",
+    }
+    s = dict(zip(completions, scorer([QUERY] * len(completions), list(completions.values()))))
+    assert s["exact"]["format"] == 0.0 and s["exact"]["n_subqueries"] == K
+    assert s["three"]["format"] == pytest.approx(-0.5 * 7 / 10)
+    assert s["copies"]["format"] == pytest.approx(-0.5 * 9 / 10) and s["copies"]["n_subqueries"] == 1
+    assert s["too_many"]["format"] == pytest.approx(-0.5)  # 20 extra lines: capped at the empty parse's term
+    for name in ("exact", "three", "copies", "too_many"):
+        assert s[name]["total"] == pytest.approx(s[name]["composite"] + s[name]["format"])
+    minimum = scorer.config.empty_parse_reward
+    assert s["empty"]["total"] == s["unparseable"]["total"] == minimum
+    assert s["empty"]["total"] == pytest.approx(s["empty"]["composite"] + s["empty"]["format"])
+    assert [r["total"] for r in scorer([QUERY, QUERY], ["", "\n\n"])] == [minimum, minimum]
+    # the text path scores the parsed sub-queries exactly as the parsed path does
+    parsed = scorer.score_subqueries([QUERY], [GROUNDED])[0]
+    assert s["exact"]["total"] == pytest.approx(parsed["total"], abs=1e-6)
+    # the empty-parse minimum is below every non-empty reward, in both regimes
+    others = [r["total"] for name, r in s.items() if name not in ("empty", "unparseable")]
+    others += [r["total"] for preset in ("oar_default", "oar_groundedness_only", "oar_groundedness_alignment")
+               for r in score_cases(polyvore, hacking_fanouts, preset).values()]
+    assert minimum < min(others)
+
+
+def test_group_is_encoded_in_one_call_with_repeats_cached(polyvore):
+    space = CountingSpace(polyvore["space"].encoder, dim=128)
+    scorer = FanoutScorer(space, polyvore["index"], RewardConfig())
+    group = ["\n".join(GROUNDED), "\n".join(GROUNDED[:5] + PARAPHRASES[:5]), "\n".join(reversed(GROUNDED)), ""]
+    first = scorer([QUERY] * len(group), group)
+    assert len(space.query_batches) == 1
+    assert sorted(space.query_batches[0]) == sorted({QUERY, *GROUNDED, *PARAPHRASES[:5]})
+    assert first[0]["total"] == pytest.approx(first[2]["total"], abs=1e-6)  # rows of a fan-out carry no order
+    again = scorer([QUERY, QUERY], [group[0], "\n".join(PARAPHRASES)])
+    assert space.query_batches[1] == PARAPHRASES[5:]  # only the new texts reach the encoder
+    assert again[0] == pytest.approx(first[0])
+
+
+def test_directions_path_matches_text_path_and_normalises(polyvore):
+    scorer = scorer_for(polyvore, "oar_default")
+    space = polyvore["space"]
+    from_text = scorer.score_subqueries([QUERY, QUERY], [GROUNDED, PARAPHRASES])
+    directions = np.stack([space.encode_queries(GROUNDED), space.encode_queries(PARAPHRASES)]) * 3.0
+    from_vectors = scorer.score_directions(space.encode_queries([QUERY, QUERY]), directions)
+    for text_terms, vector_terms in zip(from_text, from_vectors):
+        for name in ("groundedness", "diversity", "alignment", "composite"):
+            assert vector_terms[name] == pytest.approx(text_terms[name], abs=1e-5)
+    with pytest.raises(ValueError, match="directions"):
+        scorer.score_directions(np.zeros((2, 128)), np.zeros((3, K, 128)))
+
+
+def test_wscr_reference_names_reach_full_coverage_and_unrelated_ones_score_lower(polyvore):
+    set_id, items = next((sid, items) for sid, items in polyvore["outfit_items"].items()
+                         if polyvore["outfit_titles"][sid] == "Boho Style" and len(items) == 5)
+    reference = [tid for tid, _ in items]
+    own_names = [name for _, name in items]
+    unrelated = ["kitchen table lamp", "men's leather wallet", "scented candle", "throw pillow", "nail polish"]
+    title = polyvore["outfit_titles"][set_id]
+    default = scorer_for(polyvore, "wscr_default")
+    own, other = default.score_subqueries([title, title], [own_names, unrelated], [reference, reference])
+    assert own["coverage"] == 1.0
+    assert own["soft_coverage"] > other["soft_coverage"]
+    assert own["total"] > other["total"]
+    # m = 500 is a third of this small database, so even unrelated directions cover the set (SPEC §7);
+    # a pool of ~3.5% of the catalog (m = 50) tells the two apart on hard coverage as well
+    narrow = scorer_for(polyvore, RewardConfig(regime="wscr", coverage_top_m=50))
+    own_narrow, other_narrow = narrow.score_subqueries([title, title], [own_names, unrelated], [reference, reference])
+    assert own_narrow["coverage"] == 1.0 > other_narrow["coverage"]
+    with pytest.raises(ValueError, match="reference_ids"):
+        default.score_subqueries([title], [own_names])
+    with pytest.raises(ValueError, match="not in the index"):
+        default.score_subqueries([title], [own_names], [["no-such-item"]])

@@ -79,8 +79,8 @@ class Catalog:
         with atomic_dir(path) as tmp:
             self.items.to_parquet(tmp / "items.parquet", index=False)
             self.collections.to_parquet(tmp / "collections.parquet", index=False)
-            (tmp / "catalog.json").write_text(json.dumps({"domain": self.domain, **self.summary(), **(extra_meta or {})},
-                                                         indent=2, default=str))
+            meta = {"domain": self.domain, **self.summary(), **(extra_meta or {})}
+            (tmp / "catalog.json").write_text(json.dumps(meta, indent=2, default=str))
 
     @classmethod
     def load(cls, path: str | Path) -> Catalog:
@@ -131,7 +131,8 @@ def _coerce(value, kind: str, source: str, row: int, col: str):
             return ""
         if isinstance(value, (str, int, np.integer)):
             return str(value)
-        raise CatalogError(f"{source}: row {row} field {col!r}: expected a string, got {type(value).__name__} {value!r}")
+        raise CatalogError(f"{source}: row {row} field {col!r}: expected a string, "
+                           f"got {type(value).__name__} {value!r}")
     if kind == "float":
         if value is None or value == "":
             return np.nan

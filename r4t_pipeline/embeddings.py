@@ -39,7 +39,8 @@ class CatalogEmbeddings:
         if not (path / "embeddings.json").exists():
             raise FileNotFoundError(f"no embeddings at {path}; materialise the item_embeddings asset first")
         meta = json.loads((path / "embeddings.json").read_text())
-        arrays = {name: np.load(path / f"{name}.npy") for name in ("item_ids", "items", "collection_ids", "collections")}
+        names = ("item_ids", "items", "collection_ids", "collections")
+        arrays = {name: np.load(path / f"{name}.npy") for name in names}
         return cls(**arrays, encoder=meta["encoder"])
 
 

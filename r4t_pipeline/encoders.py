@@ -127,8 +127,8 @@ class EmbeddingCache:
         with self._connect() as db:
             for start in range(0, len(keys), 900):  # SQLite caps bound parameters per statement
                 chunk = list(keys[start:start + 900])
-                rows = db.execute(f"SELECT key, vec FROM emb WHERE encoder = ? AND key IN ({','.join('?' * len(chunk))})",
-                                  [encoder, *chunk])
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT key, vec FROM emb WHERE encoder = ? AND key IN ({marks})", [encoder, *chunk])
                 found.update((k, np.frombuffer(v, dtype=np.float32)) for k, v in rows)
         return found
 

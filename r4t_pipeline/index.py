@@ -24,7 +24,8 @@ class VectorIndex:
     def __init__(self, index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, kind: IndexKind,
                  search_batch: int = 4096):
         if not index.ntotal == len(ids) == len(vectors):
-            raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids and {len(vectors)} rows were given")
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids and {len(vectors)} rows "
+                             "were given")
         self.index, self.ids, self.vectors, self.kind = index, np.asarray(ids), vectors, kind
         self.search_batch = search_batch
 

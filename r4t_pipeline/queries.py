@@ -98,7 +98,8 @@ def _genre_phrase(genres: list[str], noun: str) -> str:
     genres = list(dict.fromkeys(genres))[:3]
     if not genres:
         return ""
-    return normalize_query(f"{' and '.join([', '.join(genres[:-1]), genres[-1]] if len(genres) > 1 else genres)} {noun}")
+    listed = " and ".join([", ".join(genres[:-1]), genres[-1]] if len(genres) > 1 else genres)
+    return normalize_query(f"{listed} {noun}")
 
 
 def split_labels(n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> np.ndarray:
@@ -166,7 +167,10 @@ def build_wscr_queries(catalog: Catalog, facets: Facets, seed: int, max_pairs: i
             query = normalize_query(" ".join([*genres[:2], query]))
         if not query:
             texts = [text_of[i] for i in ids]
-            query, source = (query_writer(texts), "llm") if query_writer else (keyword_summary(texts, facets, catalog_df), "keywords")
+            if query_writer:
+                query, source = query_writer(texts), "llm"
+            else:
+                query, source = keyword_summary(texts, facets, catalog_df), "keywords"
         if query:
             rows.append({"collection_id": cid, "query": normalize_query(query), "source": source,
                          "reference_ids": list(ids)})

@@ -73,7 +73,8 @@ def load_index(settings: Settings, domain: str, regime: str) -> VectorIndex:
 
 
 def fanout_scorer(settings: Settings, domain: str, regime: str) -> FanoutScorer:
-    return FanoutScorer(embedding_space(settings), load_index(settings, domain, regime), reward_config(settings, regime))
+    index = load_index(settings, domain, regime)
+    return FanoutScorer(embedding_space(settings), index, reward_config(settings, regime))
 
 
 def load_folm(path: Path | str):

@@ -79,7 +79,8 @@ def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pd.DataF
     fingerprint = stable_hash([config.model_dump(), folm_checkpoint, scorer.config.model_dump(),
                                queries["query_id"].tolist()])
     progress_file = stage / "progress.json"
-    if stage.exists() and (not progress_file.exists() or json.loads(progress_file.read_text())["fingerprint"] != fingerprint):
+    resumable = progress_file.exists() and json.loads(progress_file.read_text())["fingerprint"] == fingerprint
+    if stage.exists() and not resumable:
         shutil.rmtree(stage)  # a partial run of different inputs cannot be resumed
     stage.mkdir(parents=True, exist_ok=True)
     progress_file.write_text(json.dumps({"fingerprint": fingerprint}))
@@ -108,7 +109,8 @@ def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pd.DataF
     seconds = time.perf_counter() - started
     if not any(p.stat().st_size for p in stage.glob("part-*.parquet")):
         raise ValueError(f"no fan-out of the FOLM ({folm_checkpoint}) had at least "
-                         f"{config.min_subqueries_fraction:g} x K = {config.min_subqueries_fraction * k:g} sub-queries; "
+                         f"{config.min_subqueries_fraction:g} x K = {config.min_subqueries_fraction * k:g} "
+                         "sub-queries; "
                          "train the FOLM longer or lower synth.min_subqueries_fraction")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -128,7 +130,11 @@ def _score_chunk(scorer: FanoutScorer, chunk: pd.DataFrame, completions: list[li
         for s, text in enumerate(group):
             subqueries = list(parse_fanout(text, k).subqueries)
             if subqueries and len(subqueries) >= config.min_subqueries_fraction * k:
-                flat_q.append(query), flat_sub.append(subqueries), flat_ref.append(ref), owner.append(i), sample.append(s)
+                flat_q.append(query)
+                flat_sub.append(subqueries)
+                flat_ref.append(ref)
+                owner.append(i)
+                sample.append(s)
     if not flat_sub:
         return []
     terms = scorer.score_subqueries(flat_q, flat_sub, flat_ref if regime == "wscr" else None)

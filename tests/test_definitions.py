@@ -1,58 +1,62 @@
-"""Materialises the foundation graph of the smoke profile through Dagster's API on real data."""
+"""The smoke profile's whole asset graph, materialised through Dagster's API on real data (conftest)."""
 
-import dagster as dg
+import json
+
 import numpy as np
-import pytest
 
 from r4t_pipeline import queries as q
 from r4t_pipeline.catalog import Catalog
-from r4t_pipeline.defs import build_definitions
 from r4t_pipeline.embeddings import CatalogEmbeddings
 from r4t_pipeline.index import VectorIndex
-from r4t_pipeline.settings import load_settings
+from r4t_pipeline.synth import load_targets
+
+STAGES = ("folm_checkpoint", "synthetic_targets", "diffusion_checkpoint", "evaluation")
 
 
-@pytest.fixture(scope="module")
-def materialised(tmp_path_factory):
-    root = tmp_path_factory.mktemp("r4t")
-    settings = load_settings("smoke", config_path=root / "none.yaml", overrides={"work_dir": str(root)})
-    defs = build_definitions(settings)
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(list(defs.assets) + list(defs.asset_checks), resources=defs.resources, instance=instance)
-    return settings, result
+def test_whole_graph_materialises_and_checks_pass(smoke):
+    assert smoke.result.success
+    checks = smoke.result.get_asset_check_evaluations()
+    assert len(checks) == 4 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
+    keys = {m.asset_key.to_user_string() for m in smoke.result.get_asset_materialization_events()}
+    foundation = ("catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base")
+    expected = {f"polyvore/{a}" for a in foundation}
+    expected |= {f"polyvore/{r}/{s}" for r in ("oar", "wscr") for s in STAGES}
+    assert keys == expected | {"latency_benchmark", "evaluation_report"}
 
 
-def test_whole_graph_materialises_and_checks_pass(materialised):
-    settings, result = materialised
-    assert result.success
-    checks = result.get_asset_check_evaluations()
-    assert len(checks) == 8 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
-    keys = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
-    assert keys == {f"{d}/{a}" for d in ("polyvore", "djmix")
-                    for a in ("catalog", "item_embeddings", "embedding_index", "broad_queries")}
+def test_foundation_outputs_are_consistent(smoke):
+    settings = smoke.settings
+    catalog = Catalog.load(settings.artefact("polyvore", "catalog"))
+    emb = CatalogEmbeddings.load(settings.artefact("polyvore", "embeddings"))
+    index = VectorIndex.load(settings.artefact("polyvore", "index", "collections"))
+    assert len(catalog.collections) == 60 == len(index)
+    assert list(emb.item_ids) == catalog.items["item_id"].tolist() and emb.items.shape[1] == 128
+    _, found = index.search(emb.collections[:5], 1)  # a collection's own vector retrieves it first
+    assert list(index.ids[found[:, 0]]) == list(emb.collection_ids[:5])
+    wscr = q.load_corpus(settings.artefact("polyvore", "broad_queries"), "wscr")
+    assert {i for ids in wscr["reference_ids"] for i in ids} <= set(catalog.items["item_id"])
+    assert np.isfinite(emb.items).all()
 
 
-def test_outputs_on_disk_are_consistent(materialised):
-    settings, _ = materialised
-    for domain, n_collections in (("polyvore", 60), ("djmix", 40)):
-        catalog = Catalog.load(settings.artefact(domain, "catalog"))
-        emb = CatalogEmbeddings.load(settings.artefact(domain, "embeddings"))
-        index = VectorIndex.load(settings.artefact(domain, "index", "collections"))
-        assert len(catalog.collections) == n_collections
-        assert list(emb.item_ids) == catalog.items["item_id"].tolist() and emb.items.shape[1] == 128
-        assert len(index) == n_collections
-        # a collection's own vector retrieves that collection first
-        _, found = index.search(emb.collections[:5], 1)
-        assert list(index.ids[found[:, 0]]) == list(emb.collection_ids[:5])
-        wscr = q.load_corpus(settings.artefact(domain, "broad_queries"), "wscr")
-        assert set(i for ids in wscr["reference_ids"] for i in ids) <= set(catalog.items["item_id"])
-        assert np.isfinite(emb.items).all()
+def test_stage_artefacts_chain_together(smoke):
+    settings = smoke.settings
+    for regime in ("oar", "wscr"):
+        targets, conditions, frame = load_targets(settings.artefact("polyvore", regime, "synthetic_targets"))
+        assert targets.shape[1:] == (settings.rewards.k, 128) and len(conditions) == len(frame) > 0
+        assert frame["folm_checkpoint"].str.contains(f"polyvore/{regime}/folm").all()
+        metrics = json.loads((settings.artefact("polyvore", regime, "evaluation") / "metrics.json").read_text())
+        assert set(metrics["metrics"]) == {"no_fanout", "zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion"}
+    report = (settings.artefact("evaluation", "report") / "report.md").read_text()
+    assert "## polyvore · OAR" in report and "## polyvore · WSCR" in report and "Fan-out latency" in report
 
 
-def test_metadata_shows_counts_and_examples(materialised):
-    _, result = materialised
-    meta = {m.asset_key.to_user_string(): m.materialization.metadata for m in result.get_asset_materialization_events()}
+def test_metadata_shows_counts_examples_and_curves(smoke):
+    meta = {m.asset_key.to_user_string(): m.materialization.metadata
+            for m in smoke.result.get_asset_materialization_events()}
     assert meta["polyvore/catalog"]["collections"].value == 60
     assert meta["polyvore/catalog"]["source_collections"].value == 3960
-    assert "query" in meta["djmix/broad_queries"]["oar_examples"].value
+    assert "query" in meta["polyvore/broad_queries"]["oar_examples"].value
     assert meta["polyvore/item_embeddings"]["encoder"].value == "all-MiniLM-L6-v2@128"
+    assert meta["polyvore/oar/folm_checkpoint"]["steps"].value == smoke.settings.folm.train.steps
+    assert 0 < meta["polyvore/wscr/synthetic_targets"]["sigma_data"].value < 1
+    assert "R4T-Diffusion" in meta["evaluation_report"]["report"].value

@@ -50,7 +50,8 @@ def test_bad_inputs_raise(bad_k):
         ("acid jazz</s>ignored", ["acid jazz"]),
         ("<start_of_turn>model\nlo-fi beats\nsynthwave<end_of_turn>", ["lo-fi beats", "synthwave"]),
         # numbers that belong to the item are kept: '3.1 phillip lim', '1.5 inch heels'
-        ("1. 3.1 phillip lim bag\n2. 1.5 inch heels\n3.Red dress", ["3.1 phillip lim bag", "1.5 inch heels", "Red dress"]),
+        ("1. 3.1 phillip lim bag\n2. 1.5 inch heels\n3.Red dress",
+         ["3.1 phillip lim bag", "1.5 inch heels", "Red dress"]),
         # "Query 3:", "#2", "q4)", "7 - " prefixes and a JSON-ish list
         ('Query 1: linen shirt\n#2 straw hat\nq3) espadrilles\n7 - canvas tote\n"beach towel",',
          ["linen shirt", "straw hat", "espadrilles", "canvas tote", "beach towel"]),

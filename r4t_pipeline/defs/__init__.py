@@ -8,6 +8,8 @@ from r4t_pipeline.defs.checks import foundation_checks
 from r4t_pipeline.defs.evaluation import evaluation_asset, report_assets
 from r4t_pipeline.defs.foundation import foundation_assets
 from r4t_pipeline.defs.resources import MlflowTracking
+from r4t_pipeline.defs.schedules import retraining_schedule
+from r4t_pipeline.defs.sensors import catalog_source_sensor
 from r4t_pipeline.defs.stages import folm_base_asset, stage_assets
 from r4t_pipeline.settings import Settings
 
@@ -25,6 +27,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
+        sensors=[catalog_source_sensor(settings, assets)],
+        schedules=[retraining_schedule(settings, assets)],
         # one step at a time: training steps use every core, and the loaded encoder is reused across steps
         executor=dg.in_process_executor,
         resources={"mlflow": MlflowTracking(tracking_uri=settings.tracking_uri, experiment=f"r4t-{settings.profile}")},

@@ -63,7 +63,8 @@ def foundation_assets(settings: Settings, domain: str) -> list:
             metadata={**{k: dg.MetadataValue.int(v) if isinstance(v, int) else v for k, v in summary.items()},
                       "source_items": full.summary()["items"], "source_collections": full.summary()["collections"],
                       "path": dg.MetadataValue.path(str(path)),
-                      "items_preview": dg.MetadataValue.md(cat.items.head(8)[["item_id", "text", "likes"]].to_markdown()),
+                      "items_preview": dg.MetadataValue.md(
+                          cat.items.head(8)[["item_id", "text", "likes"]].to_markdown()),
                       "collections_preview": dg.MetadataValue.md(preview[["collection_id", "title", "item_ids"]]
                                                                  .to_markdown()),
                       "seconds": round(time.perf_counter() - started, 2)})
@@ -97,7 +98,8 @@ def foundation_assets(settings: Settings, domain: str) -> list:
         emb = CatalogEmbeddings.load(embeddings.path)
         cfg = settings.index
         paths = {}
-        for name, ids, vectors in (("items", emb.item_ids, emb.items), ("collections", emb.collection_ids, emb.collections)):
+        tables = (("items", emb.item_ids, emb.items), ("collections", emb.collection_ids, emb.collections))
+        for name, ids, vectors in tables:
             index = VectorIndex.build(vectors, ids, cfg.kind, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m)
             paths[name] = settings.artefact(domain, "index", name)
             index.save(paths[name])
@@ -108,7 +110,8 @@ def foundation_assets(settings: Settings, domain: str) -> list:
 
     @dg.asset(key=[domain, "broad_queries"], group_name=group, kinds={"parquet"},
               ins={"catalog_artefact": dg.AssetIn(key=catalog.key)},
-              code_version=version(settings.queries.version(), file_sha256(facets_file) if facets_file.exists() else ""),
+              code_version=version(settings.queries.version(),
+                                   file_sha256(facets_file) if facets_file.exists() else ""),
               description="Broad-query corpus: OAR intents and WSCR (query, reference set) pairs, split 8:1:1.")
     def broad_queries(catalog_artefact: CatalogArtefact) -> dg.Output[QueryCorpusArtefact]:
         cat = Catalog.load(catalog_artefact.path)

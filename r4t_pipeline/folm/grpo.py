@@ -7,6 +7,11 @@ then take `num_iterations` AdamW steps on the per-token loss, ρ = π_θ(token) 
     L = -min(ρA, clip(ρ, 1-ε, 1+ε)A) + β_f (ρ - 1 - log ρ) + β_r (ρ log ρ - ρ + 1),
 averaged over each completion's tokens, then over completions (GRPO). The first iteration runs at
 π_θ = π_old, so ρ = 1 exactly there and its log-probs become π_old for the later iterations.
+
+Why not TRL's GRPOTrainer: there a step is one optimizer update on a slice of buffered generations drawn
+through a repeat sampler, which makes exact resumption at a step boundary, per-term reward logging and
+the two KL terms indirect. This loop is short, resumes bit-for-bit (tested), and does no CPU work that
+TRL would not. For multi-GPU/vLLM runs, `soft_ppo_token_loss` drops into a `_compute_loss` override.
 """
 
 from __future__ import annotations
@@ -138,7 +143,8 @@ def policy_update(
     sums = dict.fromkeys(("loss", "kl_forward", "kl_reverse", "clip_fraction"), 0.0)
     recorded: list[torch.Tensor] = []
     model.train()
-    for i, (rows, (p_ids, p_mask, c_ids, c_mask)) in enumerate(_micro_batches(rollouts, config.micro_batch_size, device)):
+    batches = _micro_batches(rollouts, config.micro_batch_size, device)
+    for i, (rows, (p_ids, p_mask, c_ids, c_mask)) in enumerate(batches):
         logps = completion_logps(model, p_ids, p_mask, c_ids, c_mask, config.temperature)
         old = logps.detach() if old_logps is None else old_logps[i]
         recorded.append(old)
@@ -197,7 +203,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _load_policy(spec: str, config: FolmTrainConfig, state: Path | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_policy(
+    spec: str, config: FolmTrainConfig, state: Path | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if state is None or not config.lora_rank:
         return load_causal_lm(str(state / "policy") if state else spec, lora_rank=config.lora_rank or None,
                               lora_alpha=config.lora_alpha)

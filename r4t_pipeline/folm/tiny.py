@@ -11,7 +11,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from r4t_pipeline.fanout import build_messages
 from r4t_pipeline.folm.generate import prompt_ids
@@ -52,7 +58,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     return tokenizer
 
 
-def build_tiny_lm(tokenizer: PreTrainedTokenizerBase, size: TinyLMSize | None = None, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_lm(
+    tokenizer: PreTrainedTokenizerBase, size: TinyLMSize | None = None, seed: int = 0
+) -> LlamaForCausalLM:
     """A randomly initialised LlamaForCausalLM sized for the CPU."""
     size = size or TinyLMSize()
     config = LlamaConfig(

@@ -43,7 +43,8 @@ def ensure_files(data_dir: Path, files: list[SourceFile], allow_download: bool) 
             _try_download(spec, path)
         (paths.__setitem__(spec.name, path) if path.exists() else missing.append(spec))
     if missing:
-        listing = "\n".join(f"  {data_dir / s.domain / s.name}   <- {s.url} (gzip it), {s.description}" for s in missing)
+        listing = "\n".join(f"  {data_dir / s.domain / s.name}   <- {s.url} (gzip it), {s.description}"
+                            for s in missing)
         raise DataFileMissing(f"missing source data in {data_dir} (set ${DATA_DIR_ENV} or the data_dir config "
                               f"field to the folder that holds them); put these files there:\n{listing}")
     return paths

@@ -1,0 +1,47 @@
+import json
+
+import numpy as np
+
+from r4t_pipeline.evaluation import mean_and_error, run_vendi, wscr_pool_metrics
+from r4t_pipeline.report import metrics_table, render_html, render_markdown
+from r4t_pipeline.retrievers import Fanout, RetrievalBatch
+
+
+def _fanout(directions, ids):
+    return Fanout("q", np.asarray(directions, np.float32), ids, [np.ones(len(i)) for i in ids])
+
+
+def test_recall_and_hit_by_hand():
+    batch = RetrievalBatch([_fanout([[1, 0]], [["a", "b", "c"]]), _fanout([[0, 1]], [["x"], ["y"]])], 0.0, 0.0)
+    scores = wscr_pool_metrics(batch, [["a", "b", "z", "z"], ["q"]])
+    np.testing.assert_allclose(scores["recall"], [2 / 3, 0.0])  # the reference is a set: {a, b, z}
+    np.testing.assert_allclose(scores["hit"], [1.0, 0.0])
+
+
+def test_vendi_across_runs():
+    same = [RetrievalBatch([_fanout([[1, 0], [0, 1]], [["a"], ["b"]])], 0, 0) for _ in range(3)]
+    assert abs(run_vendi(same)[0] - 1.0) < 1e-6
+    orthogonal = [RetrievalBatch([_fanout([v], [["a"]])], 0, 0) for v in ([1, 0, 0], [0, 1, 0], [0, 0, 1])]
+    assert abs(run_vendi(orthogonal)[0] - 3.0) < 1e-6
+
+
+def test_mean_and_bootstrap_error():
+    mean, err = mean_and_error([1.0, 1.0, 1.0])
+    assert (mean, err) == (1.0, 0.0)
+    mean, err = mean_and_error(np.arange(100.0))
+    assert mean == 49.5 and 2.0 < err < 3.8  # sd / sqrt(n) = 2.9
+
+
+def test_report_renders_both_tables_in_method_order(smoke):
+    settings = smoke.settings
+    evaluations = [json.loads((settings.artefact("polyvore", r, "evaluation") / "metrics.json").read_text())
+                   for r in ("oar", "wscr")]
+    oar_table = metrics_table(evaluations[0]).splitlines()
+    assert oar_table[0] == "| method | diversity | alignment | groundedness | average |"
+    assert [row.split("|")[1].strip() for row in oar_table[2:]] == [
+        "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion"]
+    assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
+    page = render_html(render_markdown(evaluations, None), {"figure": "iVBORw0KGgo="})
+    assert page.count("<table>") == 2 and "src='data:image/png;base64," in page and "http" not in page
+    html_file = settings.artefact("evaluation", "report") / "report.html"
+    assert html_file.read_text().count("<img") == 2

@@ -1,0 +1,308 @@
+"""Operations on a real (on-disk SQLite) Dagster instance: code versions and staleness after a config or a
+source change, the catalog sensor, the retraining schedule, retry policies, and what a failed run leaves.
+
+The smoke profile for Polyvore OAR with training shrunk further (TINY), so that the chain from the catalog
+to the diffusion checkpoint materialises in about half a minute on 2 cores."""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+from dagster._core.definitions.data_version import DATA_VERSION_TAG, CachingStaleStatusResolver, StaleStatus
+
+from r4t_pipeline.defs import build_definitions
+from r4t_pipeline.defs.foundation import source_fingerprint
+from r4t_pipeline.defs.schedules import RETRAINING_CRON, SCHEDULE_NAME
+from r4t_pipeline.defs.sensors import SENSOR_NAME
+from r4t_pipeline.io import file_sha256
+from r4t_pipeline.settings import Settings, deep_merge, load_settings
+from r4t_pipeline.stack import source_files
+
+SOURCE, CATALOG = "polyvore/catalog_source", "polyvore/catalog"
+FOUNDATION = {CATALOG, "polyvore/item_embeddings", "polyvore/embedding_index", "polyvore/broad_queries",
+              "polyvore/folm_base"}
+TRAINING = ["polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets", "polyvore/oar/diffusion_checkpoint"]
+REPORTING = {"polyvore/oar/evaluation", "latency_benchmark", "evaluation_report"}
+LONG_ASSETS = ["polyvore/folm_base", *TRAINING]
+REWARD_CHANGE = {"rewards": {"overrides": {"oar": {"w_diversity": 0.3}}}}
+TINY = {"domains": ["polyvore"], "regimes": ["oar"],
+        "folm": {"bootstrap_sft_steps": 2,
+                 "bootstrap_size": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                    "num_layers": 1},
+                 "train": {"steps": 1, "group_size": 2, "per_step_queries": 1, "max_new_tokens": 16}},
+        "synth": {"samples_per_query": 2, "max_queries": 2, "max_new_tokens": 16, "chunk_queries": 2},
+        "diffusion": {"train": {"steps": 2, "checkpoint_every": 1}}}
+
+
+def key(name: str) -> dg.AssetKey:
+    return dg.AssetKey.from_user_string(name)
+
+
+def copy_sources(data_dir: Path, source: Path, domain: str = "polyvore") -> Path:
+    """A writable copy of the domain's source files (the shared data directory is read-only)."""
+    (data_dir / domain).mkdir(parents=True, exist_ok=True)
+    for spec in source_files(domain):
+        shutil.copyfile(source / domain / spec.name, data_dir / domain / spec.name)
+    return data_dir
+
+
+def retitle_first_outfit(data_dir: Path) -> None:
+    """A real edit of the source: one outfit title changes."""
+    path = data_dir / "polyvore" / "valid_no_dup.json.gz"
+    outfits = json.loads(gzip.decompress(path.read_bytes()))
+    outfits[0]["name"] += " (retitled)"
+    path.write_bytes(gzip.compress(json.dumps(outfits).encode()))
+
+
+def shared_mlflow_uri(tmp_path_factory) -> str:
+    """One MLflow store for the operations tests: creating a fresh SQLite store costs ~10 s of migrations."""
+    return f"sqlite:///{tmp_path_factory.getbasetemp() / 'r4t-operations-mlflow.db'}"
+
+
+def materialise(defs: dg.Definitions, instance: dg.DagsterInstance, selection, **kwargs):
+    return dg.materialize(list(defs.assets), selection=selection, resources=defs.resources, instance=instance,
+                          **kwargs)
+
+
+def stale_assets(instance: dg.DagsterInstance, defs: dg.Definitions) -> tuple[dict[str, list[str]], set[str]]:
+    """(what Dagster reports STALE, with the reasons; what "materialise stale" must rebuild).
+
+    Dagster 1.13 reports only an asset whose own code version or direct inputs changed; the assets below it
+    turn stale one by one as their inputs are rebuilt. What a change invalidates, and what one
+    "materialise stale" run rebuilds, is therefore every materialised asset at or below a reported one."""
+    graph = defs.resolve_asset_graph()
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=datetime.datetime.now(datetime.timezone.utc),
+                                                           last_event_id=None),
+                          instance=instance, asset_graph=graph)
+    resolver = CachingStaleStatusResolver(instance, graph, view)
+    status = {k: resolver.get_status(k) for k in graph.materializable_asset_keys}
+    reported = {k: [cause.reason for cause in resolver.get_stale_causes(k)]
+                for k, s in status.items() if s == StaleStatus.STALE}
+    below = dg.AssetSelection.assets(*reported).downstream().resolve(graph) if reported else set()
+    return ({k.to_user_string(): v for k, v in reported.items()},
+            {k.to_user_string() for k in below if status[k] != StaleStatus.MISSING})
+
+
+def latest_runs(instance: dg.DagsterInstance, names) -> dict[str, str | None]:
+    """The run that wrote each asset's latest materialisation."""
+    events = {name: instance.get_latest_materialization_event(key(name)) for name in names}
+    return {name: event.run_id if event else None for name, event in events.items()}
+
+
+@dataclass
+class Pipeline:
+    """Polyvore OAR materialised from the catalog to the diffusion checkpoint on a real instance."""
+
+    root: Path
+    data_dir: Path
+    instance: dg.DagsterInstance
+    overrides: dict
+
+    def settings(self, changes: dict | None = None) -> Settings:
+        return load_settings("smoke", config_path=self.root / "none.yaml",
+                             overrides=deep_merge(self.overrides, changes or {}))
+
+    def defs(self, changes: dict | None = None) -> dg.Definitions:
+        return build_definitions(self.settings(changes))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("operations")
+    sources = copy_sources(root / "data", data_dir)
+    (root / "dagster").mkdir()
+    instance = dg.DagsterInstance.local_temp(tempdir=str(root / "dagster"), overrides={"telemetry": {"enabled": False}})
+    overrides = {**TINY, "work_dir": str(root / "work"), "catalog": {"data_dir": str(sources)},
+                 "mlflow_tracking_uri": shared_mlflow_uri(tmp_path_factory)}
+    pipe = Pipeline(root, sources, instance, overrides)
+    defs = pipe.defs()
+    assert materialise(defs, instance, [key(SOURCE)]).success  # observe the source first: lineage starts there
+    chain = dg.AssetSelection.assets(key(TRAINING[-1])).upstream() - dg.AssetSelection.assets(key(SOURCE))
+    assert materialise(defs, instance, chain).success
+    yield pipe
+    instance.dispose()
+
+
+@pytest.fixture(scope="module")
+def reward_change(pipeline):
+    """Change one reward weight, then "materialise stale" against the same instance."""
+    defs = pipeline.defs(REWARD_CHANGE)
+    fresh_before = stale_assets(pipeline.instance, pipeline.defs())
+    reported, stale = stale_assets(pipeline.instance, defs)
+    before = latest_runs(pipeline.instance, FOUNDATION | set(TRAINING))
+    result = materialise(defs, pipeline.instance, [key(name) for name in stale])
+    return {"defs": defs, "fresh_before": fresh_before, "reported": reported, "stale": stale, "before": before,
+            "result": result, "after": latest_runs(pipeline.instance, FOUNDATION | set(TRAINING)),
+            "stale_after": stale_assets(pipeline.instance, defs)}
+
+
+@pytest.fixture(scope="module")
+def smoke_defs(tmp_path_factory) -> dg.Definitions:
+    root = tmp_path_factory.mktemp("smoke-defs")
+    return build_definitions(load_settings("smoke", config_path=root / "none.yaml",
+                                           overrides={"work_dir": str(root)}))
+
+
+# ---- 1. lineage and staleness ------------------------------------------------------------------------------
+
+CODE_VERSION_CASES = {
+    "catalog cap": ({"catalog": {"max_collections": {"polyvore": 50}}}, {CATALOG}),
+    "encoder dim": ({"encoder": {"dim": 64}}, {"polyvore/item_embeddings"}),
+    "index kind": ({"index": {"kind": "hnsw"}}, {"polyvore/embedding_index"}),
+    "query corpus": ({"queries": {"max_template_queries": 50}}, {"polyvore/broad_queries"}),
+    "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint"}),
+    "RL steps": ({"folm": {"train": {"steps": 3}}}, {"polyvore/oar/folm_checkpoint"}),
+    "synthesis": ({"synth": {"samples_per_query": 3}}, {"polyvore/oar/synthetic_targets"}),
+    "diffusion steps": ({"diffusion": {"train": {"steps": 3}}}, {"polyvore/oar/diffusion_checkpoint"}),
+    "evaluation": ({"evaluation": {"max_queries": 3}}, {"polyvore/oar/evaluation"}),
+}
+
+
+def code_versions(tmp_path: Path, changes: dict) -> dict[str, str | None]:
+    settings = load_settings("smoke", config_path=tmp_path / "none.yaml",
+                             overrides=deep_merge({**TINY, "work_dir": str(tmp_path)}, changes))
+    graph = build_definitions(settings).resolve_asset_graph()
+    return {k.to_user_string(): graph.get(k).code_version for k in graph.materializable_asset_keys}
+
+
+@pytest.mark.parametrize("changes, changed", CODE_VERSION_CASES.values(), ids=CODE_VERSION_CASES.keys())
+def test_a_config_change_moves_only_the_code_version_of_the_asset_it_configures(tmp_path, changes, changed):
+    baseline, after = code_versions(tmp_path, {}), code_versions(tmp_path, changes)
+    assert all(baseline.values()), {k for k, v in baseline.items() if not v}
+    assert {name for name in baseline if baseline[name] != after[name]} == changed
+
+
+def test_a_reward_weight_change_marks_exactly_the_folm_and_its_downstream_stale(reward_change):
+    assert reward_change["fresh_before"] == ({}, set())
+    assert reward_change["reported"] == {"polyvore/oar/folm_checkpoint": ["has a new code version"]}
+    assert reward_change["stale"] == set(TRAINING)  # not the catalog, the index, the corpus or the base FOLM
+
+
+def test_materialise_stale_reruns_only_the_stale_assets(reward_change):
+    result, before, after = reward_change["result"], reward_change["before"], reward_change["after"]
+    assert result.success
+    rerun = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
+    assert rerun == set(TRAINING)
+    assert {name for name in after if after[name] != before[name]} == set(TRAINING)
+    assert all(after[name] == result.run_id for name in TRAINING)
+    assert reward_change["stale_after"] == ({}, set())
+
+
+@pytest.mark.xfail(strict=True, reason="train_folm's finished-run key (base model path + FolmTrainConfig) and "
+                                       "train_diffusion's resume state ignore the reward config and the targets, so "
+                                       "a re-materialisation returns the previous checkpoints (see the report)")
+def test_rematerialising_after_a_reward_change_trains_anew(reward_change):
+    meta = {m.asset_key.to_user_string(): m.materialization.metadata
+            for m in reward_change["result"].get_asset_materialization_events()}
+    assert meta["polyvore/oar/folm_checkpoint"]["resumed_from_step"].value == 0
+    assert meta["polyvore/oar/diffusion_checkpoint"]["steps_run"].value == TINY["diffusion"]["train"]["steps"]
+
+
+def test_a_catalog_source_change_marks_everything_downstream_of_the_catalog_stale(pipeline, reward_change):
+    defs = reward_change["defs"]  # the configuration now in force
+    retitle_first_outfit(pipeline.data_dir)
+    observed = materialise(defs, pipeline.instance, [key(SOURCE)])
+    [observation] = observed.asset_observations_for_node("polyvore__catalog_source")
+    assert observation.tags[DATA_VERSION_TAG] == source_fingerprint(pipeline.settings(), "polyvore")
+    reported, stale = stale_assets(pipeline.instance, defs)
+    assert reported == {CATALOG: ["has a new dependency data version"]}
+    assert stale == FOUNDATION | set(TRAINING)
+
+
+# ---- 2. sensor and schedule ---------------------------------------------------------------------------------
+
+def test_catalog_sensor_requests_the_catalog_and_its_downstream_when_the_source_content_changes(tmp_path, data_dir):
+    sources = copy_sources(tmp_path / "data", data_dir)
+    settings = load_settings("smoke", config_path=tmp_path / "none.yaml",
+                             overrides={**TINY, "work_dir": str(tmp_path), "catalog": {"data_dir": str(sources)}})
+    defs = build_definitions(settings)
+    sensor = defs.get_sensor_def(SENSOR_NAME)
+    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
+
+    def tick(cursor: str | None):
+        return sensor.evaluate_tick(dg.build_sensor_context(cursor=cursor, definitions=defs))
+
+    def observed(data) -> list[str]:
+        assert all(e.asset_key == key(SOURCE) for e in data.asset_events)
+        return [e.tags[DATA_VERSION_TAG] for e in data.asset_events]
+
+    first = tick(None)  # a baseline: the current content is reported, nothing is rebuilt
+    original = source_fingerprint(settings, "polyvore")
+    assert first.run_requests == [] and observed(first) == [original]
+    assert tick(first.cursor).skip_message == "catalog sources unchanged"
+
+    path = sources / "polyvore" / "valid_no_dup.json.gz"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    touched = tick(first.cursor)  # a new mtime, the same content: hashed, nothing requested
+    assert touched.run_requests == [] and observed(touched) == [] and touched.cursor != first.cursor
+
+    retitle_first_outfit(sources)
+    changed = tick(touched.cursor)
+    [request] = changed.run_requests
+    assert {k.to_user_string() for k in request.asset_selection} == FOUNDATION | set(TRAINING) | REPORTING
+    assert request.tags["r4t/trigger"] == SENSOR_NAME
+    assert observed(changed) == [source_fingerprint(settings, "polyvore")] != [original]
+    assert tick(changed.cursor).skip_message == "catalog sources unchanged"
+
+    path.unlink()
+    assert tick(changed.cursor).skip_message == "source files missing for polyvore"
+
+
+def test_weekly_retraining_schedule_requests_every_folm_and_its_downstream(smoke_defs):
+    schedule = smoke_defs.get_schedule_def(SCHEDULE_NAME)
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert schedule.cron_schedule == RETRAINING_CRON
+    sunday = datetime.datetime(2026, 11, 22, 3, tzinfo=datetime.timezone.utc)
+    [request] = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=sunday)).run_requests
+    per_regime = ("folm_checkpoint", "synthetic_targets", "diffusion_checkpoint", "evaluation")
+    expected = {f"{d}/{r}/{a}" for d in ("polyvore", "djmix") for r in ("oar", "wscr") for a in per_regime}
+    assert {k.to_user_string() for k in request.asset_selection} == expected | {"latency_benchmark",
+                                                                              "evaluation_report"}
+    assert request.run_key == f"{SCHEDULE_NAME}-2026-11-22T03:00"
+
+
+# ---- 6. failure handling ------------------------------------------------------------------------------------
+
+def test_long_assets_retry(smoke_defs):
+    for name in [*LONG_ASSETS, *(n.replace("polyvore/oar", "djmix/wscr") for n in TRAINING)]:
+        policy = smoke_defs.get_assets_def(key(name)).op.retry_policy
+        assert policy is not None and policy.max_retries >= 1, name
+
+
+def test_a_failed_run_keeps_the_previous_catalog_and_marks_its_mlflow_run_failed(pipeline, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    corrupt = copy_sources(tmp_path / "corrupt", pipeline.data_dir)
+    broken = corrupt / "polyvore" / "valid_no_dup.json.gz"
+    broken.write_bytes(broken.read_bytes()[:4096])  # a download cut short
+    settings = pipeline.settings({"catalog": {"data_dir": str(corrupt)}})
+    folder = settings.artefact("polyvore", "catalog")
+    files_before = {p.name: file_sha256(p) for p in folder.iterdir()}
+    previous = latest_runs(pipeline.instance, FOUNDATION)
+
+    defs = build_definitions(settings)
+    result = materialise(defs, pipeline.instance, dg.AssetSelection.assets(key(CATALOG)).downstream(depth=1),
+                         raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "polyvore__catalog"
+    cause = failure.event_specific_data.error.cause  # what the asset raised, inside Dagster's wrapper
+    assert cause.cls_name == "CatalogError" and f"{broken}: cannot read" in cause.message
+    assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"} == {
+        "polyvore__item_embeddings", "polyvore__broad_queries"}
+
+    assert {p.name: file_sha256(p) for p in folder.iterdir()} == files_before
+    assert latest_runs(pipeline.instance, FOUNDATION) == previous  # earlier materialisations intact
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(f"r4t-{settings.profile}")
+    [run] = client.search_runs([experiment.experiment_id], f"params.data_dir = '{corrupt}'")
+    assert (run.info.run_name, run.info.status) == ("polyvore/catalog", "FAILED")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from r4t_pipeline.encoders import l2_normalize
-from r4t_pipeline.retrievers import RetrievalBatch, Retriever
+from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
 from r4t_pipeline.rewards import vendi_score
 
 
@@ -59,19 +59,30 @@ def oar_proxies(batch: RetrievalBatch, retriever: Retriever, query_vectors: np.n
             (("groundedness", grounded), ("diversity", diverse), ("alignment", aligned))}
 
 
+def truncate_pool(batch: RetrievalBatch, pool_size: int) -> RetrievalBatch:
+    """The same fan-outs with a smaller pool: each direction keeps its best ceil(pool / n) candidates
+    (candidates are ranked, so this equals retrieving the smaller pool directly)."""
+    fanouts = []
+    for f in batch.fanouts:
+        m = max(1, -(-pool_size // len(f.directions)))
+        fanouts.append(Fanout(f.query, f.directions, [ids[:m] for ids in f.candidate_ids],
+                              [s[:m] for s in f.candidate_scores], f.subqueries))
+    return RetrievalBatch(fanouts, batch.fanout_seconds, batch.search_seconds)
+
+
 def evaluate_wscr(retriever: Retriever, queries: list[str], reference_ids: list[list[str]], pools: dict[str, int],
                   runs: int, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """`pools`: label -> pool size, e.g. {"5K": 5000, "3.5%": 668}. Vendi uses the runs of the first pool."""
+    """`pools`: label -> pool size, e.g. {"5K": 5000, "3.5%": 668}; R runs are retrieved once at the largest
+    pool, smaller pools are read off the same ranked candidates, and the Vendi Score uses all R runs."""
+    batches = [retriever.retrieve(queries, max(pools.values()), seed=seed + r, reference_ids=reference_ids)
+               for r in range(runs)]
     metrics: dict[str, tuple[float, float]] = {}
-    for n, (label, pool) in enumerate(pools.items()):
-        batches = [retriever.retrieve(queries, pool, seed=seed + r, reference_ids=reference_ids)
-                   for r in range(runs if n == 0 else 1)]
-        scores = wscr_pool_metrics(batches[0], reference_ids)
+    for label, pool in pools.items():
+        scores = wscr_pool_metrics(truncate_pool(batches[0], pool), reference_ids)
         metrics[f"recall@{label}"] = mean_and_error(100 * scores["recall"])
         metrics[f"hit@{label}"] = mean_and_error(100 * scores["hit"])
-        if n == 0:
-            metrics["vendi"] = mean_and_error(run_vendi(batches))
-            metrics["fanout_seconds_per_query"] = (sum(b.fanout_seconds for b in batches) / (runs * len(queries)), 0.0)
+    metrics["vendi"] = mean_and_error(run_vendi(batches))
+    metrics["fanout_seconds_per_query"] = (sum(b.fanout_seconds for b in batches) / (runs * len(queries)), 0.0)
     return metrics
 
 

@@ -36,11 +36,17 @@ class Section(BaseModel):
 
 
 class CatalogSettings(Section):
+    """`data_dir` and `allow_download` say where the files come from, not what they hold (the catalog's
+    data version is the content hash of the files), so they stay out of the code version."""
+
     data_dir: str | None = Field(None, description="source data folder; None: $R4T_DATA_DIR, else ./data")
     allow_download: bool = True
     max_collections: dict[str, int | None] = Field(default_factory=lambda: {"polyvore": None, "djmix": None},
                                                    description="per-domain cap (random, fixed seed); None = all")
     seed: int = 0
+
+    def version(self) -> str:
+        return stable_hash(self.model_dump(mode="json", exclude={"data_dir", "allow_download"}))
 
 
 class EncoderSettings(Section):
@@ -82,6 +88,7 @@ class FolmSettings(Section):
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     bootstrap_size: TinyLMSize = TinyLMSize()
     bootstrap_sft_steps: int = 300
+    bootstrap_lr: float = 3e-3
     max_train_queries: int | None = None
     train: FolmTrainConfig = FolmTrainConfig()
 
@@ -134,14 +141,34 @@ class Settings(BaseModel):
         return self.root.joinpath(*parts)
 
     @property
+    def mlflow_artifact_location(self) -> str | None:
+        """Beside a local sqlite store (MLflow would otherwise write ./mlruns in the working directory)."""
+        uri = self.tracking_uri
+        return str(self.root.parent / "mlartifacts" / self.profile) if uri.startswith("sqlite:") else None
+
+    @property
     def tracking_uri(self) -> str:
         return (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{self.root.parent / 'mlflow.db'}")
 
 
 PROFILES: dict[str, dict] = {
+    # The 2-core CPU machine, all assets of both domains and both regimes in about 30 minutes: a 3.6M-param
+    # bootstrap FOLM (SmolLM2-135M takes ~80 s per GRPO step there), short RL, few synthetic samples.
     "demo": {
-        "catalog": {"max_collections": {"polyvore": None, "djmix": 2500}},
+        "catalog": {"max_collections": {"polyvore": None, "djmix": 1500}},
+        "folm": {"base": "bootstrap", "bootstrap_sft_steps": 200, "bootstrap_lr": 2e-3,
+                 "bootstrap_size": {"vocab_size": 4096, "hidden_size": 256, "num_layers": 3, "num_heads": 4,
+                                    "intermediate_size": 768},
+                 "train": {"steps": 40, "group_size": 8, "per_step_queries": 2, "max_new_tokens": 80,
+                           "learning_rate": 3e-4, "num_iterations": 2, "save_every": 10}},
+        "synth": {"samples_per_query": 16, "max_queries": 96, "keep_fraction": 0.5, "max_new_tokens": 80,
+                  "batch_size": 64, "chunk_queries": 16},
+        "diffusion": {"denoiser_preset": "demo",
+                      "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,
+                                "checkpoint_every": 100}},
+        "evaluation": {"max_queries": 40, "runs": 3, "best_of_n": 4, "latency_repeats": 2,
+                       "latency_budget_seconds": 15},
     },
     "smoke": {
         "catalog": {"max_collections": {"polyvore": 60, "djmix": 40}},
@@ -156,8 +183,18 @@ PROFILES: dict[str, dict] = {
         "evaluation": {"max_queries": 4, "runs": 2, "per_direction": 20, "best_of_n": 2,
                        "latency_batch_sizes": [4, 8], "latency_repeats": 1},
     },
+    # The paper's settings (Table 3), for a GPU: a pretrained instruction-tuned FOLM, global batch 512
+    # (64 queries x G = 8), S = 128 samples at temperature 0.9, the 6-layer hidden-1024 DiT, SDE with 256 steps.
     "paper": {
         "queries": {"max_template_queries": 40000},
+        "folm": {"base": "pretrained", "train": {"steps": 1000, "group_size": 8, "per_step_queries": 64,
+                                                  "learning_rate": 1e-6, "max_new_tokens": 128,
+                                                  "generation_batch_size": 64, "micro_batch_size": 64}},
+        "synth": {"samples_per_query": 128, "temperature": 0.9, "batch_size": 256, "max_new_tokens": 128},
+        "diffusion": {"denoiser_preset": "paper", "sampler": "sde", "sampler_steps": 256,
+                      "train": {"steps": 100000, "batch_size": 512, "lr": 1e-4, "warmup_steps": 1000,
+                                "ema_decay": 0.9999, "checkpoint_every": 2000}},
+        "evaluation": {"max_queries": None, "runs": 5, "best_of_n": 10},
     },
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Look at the Dagster UI as a person would: start `dagster dev` on loopback, open the R4T asset groups'
-lineage graphs in headless Chromium (Debian's chromium + chromium-driver, driven by selenium), check that
-the assets are on the pages, save a screenshot of each, and stop the server.
+lineage graphs and the automation page in headless Chromium (Debian's chromium + chromium-driver, driven
+by selenium), check that the assets, the sensor and the schedule are shown, save a screenshot of each page,
+and stop the server.
 
     .venv/bin/python scripts/ui_check.py --out /tmp/r4t-ui
 
@@ -27,10 +28,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "r4t_pipeline.definitions"  # the code location's name when dagster dev loads it with -m
-# asset group -> asset names its lineage page must show (a group page also shows its direct neighbours)
-EXPECTED_GROUPS = {
-    "polyvore": ("catalog_source", "catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base"),
-    "polyvore_oar": ("folm_checkpoint", "synthetic_targets", "diffusion_checkpoint"),
+# page name -> (path, names the page must show); an asset group's lineage graph also shows its neighbours
+EXPECTED_PAGES = {
+    "polyvore": (f"/locations/{LOCATION}/asset-groups/polyvore",
+                 ("catalog_source", "catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base")),
+    "polyvore_oar": (f"/locations/{LOCATION}/asset-groups/polyvore_oar",
+                     ("folm_checkpoint", "synthetic_targets", "diffusion_checkpoint")),
+    "automation": ("/automation", ("catalog_source_sensor", "weekly_retraining")),
 }
 # headless, and nothing that would reach outside this machine
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -89,7 +93,7 @@ def dagster_dev(home: Path, port: int, timeout: float = 120) -> Iterator[str]:
 
 def _stop(server: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
-        server.send_signal(signal.SIGTERM)  # dagster dev shuts its children down on SIGTERM
+        os.killpg(server.pid, signal.SIGTERM)  # dagster dev, its webserver, daemon and code server
     try:
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -99,11 +103,10 @@ def _stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
-def capture_asset_groups(url: str, out_dir: Path, groups: dict[str, tuple[str, ...]] = EXPECTED_GROUPS,
-                         timeout: float = 120) -> dict[str, str]:
-    """Open each asset group's lineage graph, wait until every expected asset name is rendered, save
-    `<out_dir>/<group>.png`, and return each page's visible text. On a timeout the screenshot is still saved,
-    for diagnosis."""
+def capture_pages(url: str, out_dir: Path, pages: dict[str, tuple[str, tuple[str, ...]]] = EXPECTED_PAGES,
+                  timeout: float = 120) -> dict[str, str]:
+    """Open each page, wait until every expected name is rendered, save `<out_dir>/<page name>.png`, and
+    return each page's visible text. On a timeout the screenshot is still saved, for diagnosis."""
     from selenium import webdriver
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
@@ -127,22 +130,24 @@ def capture_asset_groups(url: str, out_dir: Path, groups: dict[str, tuple[str, .
             return driver.find_element(By.TAG_NAME, "body").text
 
         try:
-            for group, expected in groups.items():
-                page, screenshot = f"{url}/locations/{LOCATION}/asset-groups/{group}", out_dir / f"{group}.png"
+            for name, (path, expected) in pages.items():
+                page, screenshot = f"{url}{path}", out_dir / f"{name}.png"
                 driver.get(page)
                 try:
                     WebDriverWait(driver, timeout, poll_frequency=1).until(
-                        lambda _: all(name in page_text() for name in expected))
+                        lambda _, expected=expected: all(e in page_text() for e in expected))
                 except TimeoutException:
                     driver.save_screenshot(str(screenshot))
-                    missing = [name for name in expected if name not in page_text()]
+                    missing = [e for e in expected if e not in page_text()]
                     raise AssertionError(f"{page} did not show {missing} within {timeout:.0f} s "
                                          f"(screenshot: {screenshot})") from None
                 for button in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):
                     button.click()  # the first visit's "Join the Dagster community" dialog
-                time.sleep(1)  # let the graph finish its layout animation before the picture
+                with contextlib.suppress(TimeoutException):  # a nicer picture: statuses loaded, when they load soon
+                    WebDriverWait(driver, 15, poll_frequency=1).until(lambda _: "Loading" not in page_text())
+                time.sleep(1)  # let the graph finish its layout animation
                 driver.save_screenshot(str(screenshot))
-                texts[group] = page_text()
+                texts[name] = page_text()
         finally:
             driver.quit()
     return texts
@@ -150,15 +155,15 @@ def capture_asset_groups(url: str, out_dir: Path, groups: dict[str, tuple[str, .
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/r4t-ui"), help="folder for <group>.png")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/r4t-ui"), help="folder for the screenshots")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the server and the page")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="r4t-dagster-home-") as home:
         with dagster_dev(Path(home), args.port or free_port(), args.timeout) as url:
-            capture_asset_groups(url, args.out, timeout=args.timeout)
-    for group, names in EXPECTED_GROUPS.items():
-        print(f"{group}: shows {', '.join(names)}; screenshot {args.out / group}.png")
+            capture_pages(url, args.out, timeout=args.timeout)
+    for name, (path, expected) in EXPECTED_PAGES.items():
+        print(f"{path} shows {', '.join(expected)}: {args.out / name}.png")
     return 0
 
 

@@ -235,3 +235,16 @@ def test_bad_inputs_raise_value_errors_naming_the_field(tmp_path):
         train_diffusion(targets, conditions[:3], cfg, DiffusionTrainConfig(steps=1), tmp_path / "m")
     with pytest.raises(ValueError, match="hidden"):
         DenoiserConfig(hidden=30, heads=4)
+
+
+def test_new_targets_retrain_instead_of_returning_the_old_model(tmp_path):
+    """A finished checkpoint is reused only for the very same targets and settings."""
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(8, 3, 8)).astype(np.float32)
+    conditions = rng.normal(size=(8, 8)).astype(np.float32)
+    cfg = DenoiserConfig(dim=8, cond_dim=8, hidden=16, mlp=32, heads=2, layers=1)
+    tc = DiffusionTrainConfig(steps=3, batch_size=4, warmup_steps=0, checkpoint_every=2, device="cpu")
+    first = train_diffusion(targets, conditions, cfg, tc, tmp_path / "ckpt")
+    same = train_diffusion(targets, conditions, cfg, tc, tmp_path / "ckpt")
+    changed = train_diffusion(targets + 0.5, conditions, cfg, tc, tmp_path / "ckpt")
+    assert (first.steps_run, same.steps_run, changed.steps_run) == (3, 0, 3)

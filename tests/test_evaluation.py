@@ -45,3 +45,12 @@ def test_report_renders_both_tables_in_method_order(smoke):
     assert page.count("<table>") == 2 and "src='data:image/png;base64," in page and "http" not in page
     html_file = settings.artefact("evaluation", "report") / "report.html"
     assert html_file.read_text().count("<img") == 2
+
+
+def test_smaller_pool_is_read_off_the_ranked_candidates():
+    from r4t_pipeline.evaluation import truncate_pool
+
+    batch = RetrievalBatch([_fanout([[1, 0], [0, 1]], [["a", "b", "c"], ["d", "e", "f"]])], 0, 0)
+    small = truncate_pool(batch, 3)  # two directions: ceil(3 / 2) = 2 each
+    assert small.fanouts[0].candidate_ids == [["a", "b"], ["d", "e"]]
+    assert wscr_pool_metrics(small, [["c", "d"]])["recall"][0] == 0.5

@@ -176,6 +176,14 @@ def test_train_folm_resumes_where_it_stopped(tiny_dir, outfits, tmp_path):
         assert torch.allclose(a, b, atol=1e-6)  # the same run as without the interruption
     done = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "b")
     assert done.resumed_from_step == 4 and done.history == resumed.history
+    # another reward (named by run_key) or other training rows: not the same run, so it trains anew
+    quick = config.model_copy(update={"steps": 1})
+    train_folm(tiny_dir[0], queries, distinct_lines_reward, quick, tmp_path / "c")
+    assert train_folm(tiny_dir[0], queries, distinct_lines_reward, quick, tmp_path / "c").resumed_from_step == 1
+    assert train_folm(tiny_dir[0], queries, distinct_lines_reward, quick, tmp_path / "c",
+                      run_key="reward v2").resumed_from_step == 0
+    assert train_folm(tiny_dir[0], queries[1:], distinct_lines_reward, quick, tmp_path / "c",
+                      run_key="reward v2").resumed_from_step == 0
 
 
 def test_train_folm_rejects_bad_queries(tiny_dir, tmp_path):

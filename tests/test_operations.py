@@ -197,9 +197,10 @@ def test_materialise_stale_reruns_only_the_stale_assets(reward_change):
     assert reward_change["stale_after"] == ({}, set())
 
 
-@pytest.mark.xfail(strict=True, reason="train_folm's finished-run key (base model path + FolmTrainConfig) and "
-                                       "train_diffusion's resume state ignore the reward config and the targets, so "
-                                       "a re-materialisation returns the previous checkpoints (see the report)")
+@pytest.mark.xfail(strict=True, reason="bug: train_folm returns a finished checkpoint whose key (base model path + "
+                                       "FolmTrainConfig) leaves out the reward config and the training data, and "
+                                       "train_diffusion resumes a finished run's state whatever the targets; drop this "
+                                       "mark once they retrain")
 def test_rematerialising_after_a_reward_change_trains_anew(reward_change):
     meta = {m.asset_key.to_user_string(): m.materialization.metadata
             for m in reward_change["result"].get_asset_materialization_events()}
@@ -297,8 +298,8 @@ def test_a_failed_run_keeps_the_previous_catalog_and_marks_its_mlflow_run_failed
     assert failure.step_key == "polyvore__catalog"
     cause = failure.event_specific_data.error.cause  # what the asset raised, inside Dagster's wrapper
     assert cause.cls_name == "CatalogError" and f"{broken}: cannot read" in cause.message
-    assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"} == {
-        "polyvore__item_embeddings", "polyvore__broad_queries"}
+    assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"polyvore__catalog"}
+    assert result.get_asset_materialization_events() == []  # its downstream steps never started
 
     assert {p.name: file_sha256(p) for p in folder.iterdir()} == files_before
     assert latest_runs(pipeline.instance, FOUNDATION) == previous  # earlier materialisations intact

@@ -1,4 +1,4 @@
-"""The thin Dagster layer: assets, checks, resources (and later sensors and schedules) over the library."""
+"""The thin Dagster layer over the library: assets, asset checks, resources, a sensor and a schedule."""
 
 from __future__ import annotations
 
@@ -31,5 +31,6 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         schedules=[retraining_schedule(settings, assets)],
         # one step at a time: training steps use every core, and the loaded encoder is reused across steps
         executor=dg.in_process_executor,
-        resources={"mlflow": MlflowTracking(tracking_uri=settings.tracking_uri, experiment=f"r4t-{settings.profile}")},
+        resources={"mlflow": MlflowTracking(tracking_uri=settings.tracking_uri, experiment=f"r4t-{settings.profile}",
+                                            artifact_location=settings.mlflow_artifact_location)},
     )

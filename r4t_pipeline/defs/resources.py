@@ -37,6 +37,7 @@ class MlflowTracking(dg.ConfigurableResource):
 
     tracking_uri: str
     experiment: str = "r4t"
+    artifact_location: str | None = None  # None: MLflow's default (./mlruns for a sqlite store)
 
     @contextlib.contextmanager
     def run(self, name: str, params: dict | None = None, tags: dict | None = None) -> Iterator[MlflowRun]:
@@ -45,7 +46,8 @@ class MlflowTracking(dg.ConfigurableResource):
 
         client = MlflowClient(self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
+        experiment_id = experiment.experiment_id if experiment else \
+            client.create_experiment(self.experiment, artifact_location=self.artifact_location)
         run = client.create_run(experiment_id, run_name=name, tags=tags or {})
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in (params or {}).items()])
         try:

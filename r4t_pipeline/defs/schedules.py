@@ -2,8 +2,7 @@
 (synthetic targets, diffusion checkpoints, evaluations, latency benchmark, report). Off by default: switch it
 on under Automation in the UI.
 
-The run trains on the current catalog, index, query corpus and reward settings; each training stage resumes
-from its own checkpoints, so a retry after a crash does not start over.
+Each training stage keeps checkpoints, so a retry after a crash resumes instead of starting over.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def folm_base_asset(settings: Settings, domain: str):
               ins={"catalog": dg.AssetIn(key=[domain, "catalog"]),
                    "broad_queries": dg.AssetIn(key=[domain, "broad_queries"])},
               code_version=version(cfg.base, cfg.base_model, cfg.bootstrap_size.model_dump(), cfg.bootstrap_sft_steps,
-                                   settings.rewards.k),
+                                   cfg.bootstrap_lr, settings.rewards.k),
               retry_policy=LONG_STAGE_RETRY,
               description="The zero-shot fan-out LM: the pretrained base model, or (offline bootstrap) a small LM "
                           "warm-started on (set title -> item names) pairs of the training split.")
@@ -60,7 +60,7 @@ def folm_base_asset(settings: Settings, domain: str):
             with mlflow.run(f"{domain}/folm_base", params={"sft_steps": cfg.bootstrap_sft_steps,
                                                            **cfg.bootstrap_size.model_dump()}) as run:
                 losses = bootstrap_folm(examples, out / "model", settings.rewards.k, cfg.bootstrap_sft_steps,
-                                        cfg.bootstrap_size, log_fn=run.log)
+                                        cfg.bootstrap_size, lr=cfg.bootstrap_lr, log_fn=run.log)
             write_json(out / "r4t_base.json", {"model": str(out / "model"), "spec": "bootstrap"})
             meta.update(model=str(out / "model"), sft_pairs=len(examples), sft_loss_first=losses[0],
                         sft_loss_last=losses[-1])

@@ -11,6 +11,7 @@ from which an interrupted run resumes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import shutil
@@ -36,7 +37,7 @@ from r4t_pipeline.diffusion.edm import (
     heun_sample,
     sde_sample,
 )
-from r4t_pipeline.io import atomic_dir, atomic_file
+from r4t_pipeline.io import atomic_dir, atomic_file, stable_hash
 
 CHECKPOINT_FORMAT = "r4t-edm-set-diffusion/1"
 SAMPLERS = {"heun": heun_sample, "sde": sde_sample}
@@ -118,17 +119,25 @@ def _validated_inputs(
     return targets, conditions, condition_mask
 
 
-def _resume_state(work_dir: Path, out_dir: Path, cfg: DenoiserConfig, num_rows: int) -> dict[str, Any] | None:
-    """The newest training state: an interrupted run's, else a finished run's (to extend it), else None."""
+def run_fingerprint(targets: np.ndarray, conditions: np.ndarray, condition_mask: np.ndarray | None,
+                    cfg: DenoiserConfig, tc: DiffusionTrainConfig, init_from: Path | None) -> str:
+    """What a training run depends on: a saved state is resumed only by a run with the same fingerprint,
+    so new targets or settings retrain instead of returning the old model."""
+    digest = hashlib.sha256()
+    for array in (targets, conditions, condition_mask):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    settings = tc.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "device"})
+    return stable_hash([digest.hexdigest(), cfg.to_dict(), settings, str(init_from)], length=16)
+
+
+def _resume_state(work_dir: Path, out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The newest training state of this very run: an interrupted one's, else a finished one's."""
     for path in (work_dir / "training_state.pt", out_dir / "training_state.pt"):
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if state["denoiser"] != cfg.to_dict() or state["num_rows"] != num_rows:
-                raise ValueError(
-                    f"{path}: saved run has denoiser {state['denoiser']} and num_rows {state['num_rows']}, "
-                    f"not {cfg.to_dict()} and {num_rows}; pass resume=False or use another out_dir"
-                )
-            return state
+            if state.get("fingerprint") == fingerprint:
+                return state
     return None
 
 
@@ -157,7 +166,8 @@ def train_diffusion(
     device = resolve_device(tc.device)
     if not resume:
         shutil.rmtree(work_dir, ignore_errors=True)
-    state = _resume_state(work_dir, out_dir, denoiser_config, targets.shape[1]) if resume else None
+    fingerprint = run_fingerprint(targets, conditions, condition_mask, denoiser_config, tc, init_from)
+    state = _resume_state(work_dir, out_dir, fingerprint) if resume else None
 
     torch.manual_seed(tc.seed)
     precond = EDMPrecond(SetDenoiser(denoiser_config), sigma_data=float(targets.std())).to(device)
@@ -199,6 +209,7 @@ def train_diffusion(
             "sigma_data": float(precond.sigma_data),
             "denoiser": denoiser_config.to_dict(),
             "num_rows": targets.shape[1],
+            "fingerprint": fingerprint,
             "train": tc.model_dump(),
         }
         if device.type == "cuda":

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from r4t_pipeline.folm.generate import Rollouts, sample_rollouts
 from r4t_pipeline.folm.models import load_causal_lm
-from r4t_pipeline.io import atomic_dir, write_json
+from r4t_pipeline.io import atomic_dir, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,11 @@ class FolmTrainConfig(BaseModel):
 class FolmTrainResult(BaseModel):
     checkpoint_dir: Path
     steps: int
-    resumed_from_step: int
-    seconds_per_step: float
-    peak_rss_mb: float
+    resumed_from_step: int = Field(description="steps already done when this call started")
+    seconds_per_step: float = Field(description="mean wall time of the steps this call ran")
+    peak_rss_mb: float = Field(description="the process's peak RSS, reward model and all")
     peak_gpu_mb: float | None
-    history: list[dict[str, float]]
+    history: list[dict[str, float]] = Field(description="one row per step: reward/<term> means, loss, KL terms, ...")
 
 
 def soft_ppo_token_loss(
@@ -191,8 +191,15 @@ def _validate_queries(train_queries: list[dict[str, Any]]) -> None:
             raise ValueError(f"train_queries[{i}]: columns {sorted(row)} differ from row 0's {sorted(keys)}")
 
 
-def _meta(spec: str, config: FolmTrainConfig) -> dict[str, Any]:
-    return {"base_model": spec, "config": config.model_dump(exclude={"save_every"})}
+def _run_identity(spec: str, config: FolmTrainConfig, train_queries: list[dict[str, Any]], run_key: str) -> dict:
+    """What a finished or interrupted run must match to be reused: base model (a local folder by its files'
+    names, sizes and mtimes, so a rebuilt base counts as new), config, training rows, and `run_key`."""
+    base = Path(spec)
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(base.iterdir()) if f.is_file()] \
+        if base.is_dir() else []
+    rows = json.dumps(train_queries, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    return {"base_model": spec, "base_files": stable_hash(files), "config": config.model_dump(exclude={"save_every"}),
+            "train_queries": stable_hash(rows), "run_key": run_key}
 
 
 def _state_dir(out_dir: Path) -> Path:
@@ -215,7 +222,8 @@ def _load_policy(
     return PeftModel.from_pretrained(base, state / "policy", is_trainable=True), tokenizer
 
 
-def _save_state(model, tokenizer, optimizer, meta: dict[str, Any], folder: Path) -> None:
+def _save_state(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
+                meta: dict[str, Any], folder: Path) -> None:
     """Resumable checkpoint: policy (LoRA: the adapter only), tokenizer, optimizer, history."""
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp / "policy")
@@ -238,16 +246,19 @@ def train_folm(
     out_dir: Path,
     resume: bool = True,
     log_fn: LogFn | None = None,
+    run_key: str = "",
 ) -> FolmTrainResult:
     """Train a FOLM with GRPO + soft-PPO and write it to `out_dir` (HF folder + r4t_folm.json), atomically.
 
     `train_queries`: rows with "query" plus extra columns passed to `reward_fn` by name (e.g.
     "reference_ids"). `reward_fn(queries, completions, **columns)` returns one dict per completion with
     "total" (optimised) and any named terms (logged as reward/<name>). With `resume`, a finished `out_dir`
-    of the same config is returned as is, and an interrupted run continues from its last checkpoint."""
+    of the same run is returned as is, and an interrupted run continues from its last checkpoint; "same"
+    means same base model files, config, training rows and `run_key`, which should identify what the
+    callable `reward_fn` cannot: e.g. a hash of the reward's config and index."""
     spec, out_dir = str(model_dir_or_spec), Path(out_dir)
     _validate_queries(train_queries)
-    meta = _meta(spec, config)
+    meta = _run_identity(spec, config, train_queries, run_key)
     done = _read_json(out_dir / META_FILE)
     if resume and done and {k: done.get(k) for k in meta} == meta and done.get("steps_done") == config.steps:
         return FolmTrainResult(checkpoint_dir=out_dir, steps=config.steps, resumed_from_step=config.steps,
@@ -255,7 +266,7 @@ def train_folm(
     state_dir = _state_dir(out_dir)
     state = _read_json(state_dir / "state.json") if resume else None
     if state is not None and {k: state.get(k) for k in meta} != meta:
-        log.warning("ignoring checkpoint %s: it was made with another config or base model", state_dir)
+        log.warning("ignoring checkpoint %s: it was made by another run (base, config, data or run_key)", state_dir)
         state = None
     model, tokenizer = _load_policy(spec, config, state_dir if state else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,

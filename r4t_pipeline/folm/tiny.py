@@ -53,7 +53,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                        unk_token=PAD, chat_template=CHAT_TEMPLATE)
+                                        chat_template=CHAT_TEMPLATE)
     tokenizer.padding_side = "left"
     return tokenizer
 

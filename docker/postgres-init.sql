@@ -1,0 +1,2 @@
+-- Run once when the PostgreSQL volume is new: MLflow's store beside Dagster's (database `dagster`).
+CREATE DATABASE mlflow;

@@ -1,8 +1,8 @@
 """Test setup: real data from the shared data directory, offline models, isolated artefact roots."""
 
 import os
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 

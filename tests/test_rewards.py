@@ -40,7 +40,8 @@ GROUNDED = ["women boho half sleeve v neck floral chiffon mini dress", "boho sty
             "etro paisley shoulder bag leather fringe", "miss selfridge oversized fringe crochet shawl",
             "melissa raffia sun hat"]
 # (b) paraphrases of the query
-PARAPHRASES = ["bohemian festival style", "boho festival style", "bohemian festival fashion", "bohemian festival outfit",
+PARAPHRASES = ["bohemian festival style", "boho festival style", "bohemian festival fashion",
+               "bohemian festival outfit",
                "boho festival look", "bohemian style for festivals", "festival bohemian fashion",
                "boho chic festival style", "bohemian festival look", "festival boho outfit"]
 # (a) is K copies of the text of one real, off-topic item ("gold notes", Stationery): a string sitting

@@ -96,7 +96,8 @@ def stage_assets(settings: Settings, domain: str, regime: str) -> list:
         with mlflow.run(f"{domain}/{regime}/folm_checkpoint",
                         params={**config.model_dump(), **{f"reward_{k}": v for k, v in reward.model_dump().items()},
                                 "base": folm_base.path}) as run:
-            result = train_folm(folm_base.path, rows, scorer, config, out, resume=True, log_fn=run.log)
+            result = train_folm(folm_base.path, rows, scorer, config, out, resume=True, log_fn=run.log,
+                                run_key=folm_version)  # a reward change retrains, never reuses
         summary = _summary(result.history)
         context.log.info(f"{domain}/{regime} FOLM: {result.steps} steps, {result.seconds_per_step:.2f} s/step")
         return dg.Output(Artefact(domain=domain, path=str(result.checkpoint_dir)), metadata={

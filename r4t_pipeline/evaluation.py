@@ -95,6 +95,18 @@ def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0
     return metrics
 
 
+def training_reward(retriever: Retriever, scorer, queries: list[str], reference_ids: list[list[str]] | None,
+                    seed: int = 0) -> dict[str, float]:
+    """Mean training-reward terms of a method's fan-outs: text fan-outs through the parsed sub-queries
+    (format term included), generated directions through the vector path (no text, so no format term)."""
+    directions, subqueries = retriever.directions(queries, seed, reference_ids)
+    if subqueries is not None:
+        terms = scorer.score_subqueries(queries, subqueries, reference_ids)
+    else:
+        terms = scorer.score_directions(scorer.embed_texts(queries), np.stack(directions), reference_ids)
+    return {name: float(np.mean([t[name] for t in terms])) for name in terms[0]}
+
+
 def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] | None = None,
                    n_examples: int = 3) -> dict:
     """All methods on the regime's test split: metrics per method and a few qualitative examples."""
@@ -112,9 +124,15 @@ def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] 
     pools = {f"{paper_pool // 1000}K" if paper_pool % 1000 == 0 else str(paper_pool): paper_pool,
              f"{100 * cfg.catalog_pool_fraction:g}%": max(k, round(cfg.catalog_pool_fraction * len(catalog.items)))}
     label = _labeller(catalog, regime)
-    metrics, examples = {}, {}
+    val = load_corpus(settings.artefact(domain, "broad_queries"), regime, "val")
+    if cfg.max_queries:
+        val = val.sample(n=min(cfg.max_queries, len(val)), random_state=cfg.seed).reset_index(drop=True)
+    val_refs = val["reference_ids"].tolist() if regime == "wscr" else None
+    scorer = stack.fanout_scorer(settings, domain, regime)
+    metrics, examples, rewards = {}, {}, {}
     for method in methods or stack.METHODS:
         retriever = stack.build_retriever(settings, domain, regime, method)
+        rewards[method] = training_reward(retriever, scorer, val["query"].tolist(), val_refs, cfg.seed)
         if regime == "wscr":
             metrics[method] = evaluate_wscr(retriever, queries, test["reference_ids"].tolist(), pools, cfg.runs,
                                             cfg.seed)
@@ -126,7 +144,7 @@ def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] 
                 {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
                 for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
     return {"domain": domain, "regime": regime, "queries": len(queries), "pools": pools, "metrics": metrics,
-            "examples": examples}
+            "examples": examples, "validation_reward": rewards, "validation_queries": len(val)}
 
 
 def _labeller(catalog, regime: str):

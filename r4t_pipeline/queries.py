@@ -167,9 +167,8 @@ def build_wscr_queries(catalog: Catalog, facets: Facets, seed: int, max_pairs: i
             query = normalize_query(" ".join([*genres[:2], query]))
         if not query:
             texts = [text_of[i] for i in ids]
-            if query_writer:
-                query, source = query_writer(texts), "llm"
-            else:
+            query, source = (query_writer(texts), "llm") if query_writer else ("", "")
+            if not query:  # no model configured, or it wrote nothing usable
                 query, source = keyword_summary(texts, facets, catalog_df), "keywords"
         if query:
             rows.append({"collection_id": cid, "query": normalize_query(query), "source": source,

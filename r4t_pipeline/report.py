@@ -39,6 +39,18 @@ def metrics_table(evaluation: dict) -> str:
     return "\n".join(rows)
 
 
+def reward_table(evaluation: dict) -> str:
+    """The training reward of each method's fan-outs on the validation split (what RL optimised)."""
+    rewards = evaluation["validation_reward"]
+    terms = [t for t in ("total", "composite", "groundedness", "diversity", "alignment", "coverage", "soft_coverage",
+                         "format") if any(t in r for r in rewards.values())]
+    rows = ["| method | " + " | ".join(terms) + " |", "|---" * (len(terms) + 1) + "|"]
+    for method in sorted(rewards, key=list(METHOD_NAMES).index):
+        rows.append(f"| {METHOD_NAMES[method]} | "
+                    + " | ".join(f"{rewards[method][t]:.3f}" if t in rewards[method] else "-" for t in terms) + " |")
+    return "\n".join(rows)
+
+
 def _pool_note(evaluation: dict) -> str:
     if evaluation["regime"] == "oar":
         return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
@@ -96,7 +108,10 @@ def render_markdown(evaluations: list[dict], benchmark: dict | None) -> str:
     for ev in evaluations:
         table = "Table 1 (OAR)" if ev["regime"] == "oar" else "Table 2 (WSCR)"
         parts += [f"## {ev['domain']} · {ev['regime'].upper()} ({table} shape, {ev['queries']} test queries)", "",
-                  metrics_table(ev), "", _pool_note(ev), "", "### Examples", "", _examples_md(ev), ""]
+                  metrics_table(ev), "", _pool_note(ev), "",
+                  f"Training reward on {ev['validation_queries']} validation queries (no fan-out and R4T-Diffusion "
+                  "have no text, so no format term):", "", reward_table(ev), "",
+                  "### Examples", "", _examples_md(ev), ""]
     if benchmark:
         from r4t_pipeline.bench import format_table
 

@@ -46,6 +46,8 @@ def test_stage_artefacts_chain_together(smoke):
         assert frame["folm_checkpoint"].str.contains(f"polyvore/{regime}/folm").all()
         metrics = json.loads((settings.artefact("polyvore", regime, "evaluation") / "metrics.json").read_text())
         assert set(metrics["metrics"]) == {"no_fanout", "zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion"}
+        assert set(metrics["validation_reward"]) == set(metrics["metrics"])
+        assert all(-2 < r["total"] < 1.01 for r in metrics["validation_reward"].values())
     report = (settings.artefact("evaluation", "report") / "report.md").read_text()
     assert "## polyvore · OAR" in report and "## polyvore · WSCR" in report and "Fan-out latency" in report
 

@@ -42,7 +42,7 @@ def test_report_renders_both_tables_in_method_order(smoke):
         "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion"]
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
     page = render_html(render_markdown(evaluations, None), {"figure": "iVBORw0KGgo="})
-    assert page.count("<table>") == 2 and "src='data:image/png;base64," in page and "http" not in page
+    assert page.count("<table>") == 4 and "src='data:image/png;base64," in page and "http" not in page
     html_file = settings.artefact("evaluation", "report") / "report.html"
     assert html_file.read_text().count("<img") == 2
 

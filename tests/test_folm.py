@@ -225,3 +225,19 @@ def test_lora_training_resumes_and_exports_a_merged_model(tiny_dir, outfits, tmp
     changed = [name for (name, a), b in zip(merged.state_dict().items(), base.state_dict().values())
                if not torch.equal(a, b)]
     assert changed and all("proj" in name for name in changed)  # LoRA touches the linear layers only
+
+
+def test_an_llm_names_untitled_sets_and_the_corpus_falls_back_to_keywords(smoke, polyvore_catalog):
+    """The WSCR query writer runs a real (bootstrap) causal LM; unusable output falls back to keywords."""
+    from r4t_pipeline import queries as q
+    from r4t_pipeline.folm.describe import collection_query_writer
+    from r4t_pipeline.stack import base_model_path
+
+    writer = collection_query_writer(base_model_path(smoke.settings, "polyvore"))
+    named = writer(["red lace midi dress (Day Dresses)", "black ankle boots (Ankle Boots)"])
+    assert isinstance(named, str) and "\n" not in named
+    untitled = polyvore_catalog.subsample(200, seed=3)
+    untitled.collections["title"] = ""
+    pairs = q.build_wscr_queries(untitled, q.Facets.load("polyvore"), seed=0, max_pairs=5, query_writer=writer)
+    assert len(pairs) == 5 and set(pairs["source"]) <= {"llm", "keywords"}
+    assert (pairs["query"].str.len() > 0).all()

@@ -13,7 +13,14 @@ from r4t_pipeline.defs.foundation import version
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.evaluation import run_evaluation
 from r4t_pipeline.io import atomic_dir, write_json
-from r4t_pipeline.report import latency_figure, metrics_table, render_html, render_markdown, reward_figure
+from r4t_pipeline.report import (
+    latency_figure,
+    metrics_table,
+    render_html,
+    render_markdown,
+    reward_figure,
+    reward_table,
+)
 from r4t_pipeline.settings import Settings
 
 
@@ -37,7 +44,9 @@ def evaluation_asset(settings: Settings, domain: str, regime: str):
         path = stack.stage_dir(settings, domain, regime, "evaluation") / "metrics.json"
         write_json(path, result)
         return dg.Output(Artefact(domain=domain, path=str(path)),
-                         metadata={"table": dg.MetadataValue.md(metrics_table(result)), "queries": result["queries"]})
+                         metadata={"table": dg.MetadataValue.md(metrics_table(result)),
+                                   "validation_reward": dg.MetadataValue.md(reward_table(result)),
+                                   "queries": result["queries"]})
 
     return evaluation
 

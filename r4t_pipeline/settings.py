@@ -162,7 +162,7 @@ PROFILES: dict[str, dict] = {
                                     "intermediate_size": 768},
                  "train": {"steps": 40, "group_size": 8, "per_step_queries": 2, "max_new_tokens": 96,
                            "learning_rate": 3e-4, "num_iterations": 2, "save_every": 10}},
-        "synth": {"samples_per_query": 16, "max_queries": 96, "keep_fraction": 0.5, "max_new_tokens": 96,
+        "synth": {"samples_per_query": 8, "max_queries": 64, "keep_fraction": 0.5, "max_new_tokens": 96,
                   "batch_size": 64, "chunk_queries": 16},
         "diffusion": {"denoiser_preset": "demo",
                       "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,

@@ -109,8 +109,10 @@ def render_markdown(evaluations: list[dict], benchmark: dict | None) -> str:
         table = "Table 1 (OAR)" if ev["regime"] == "oar" else "Table 2 (WSCR)"
         parts += [f"## {ev['domain']} · {ev['regime'].upper()} ({table} shape, {ev['queries']} test queries)", "",
                   metrics_table(ev), "", _pool_note(ev), "",
-                  f"Training reward on {ev['validation_queries']} validation queries (no fan-out and R4T-Diffusion "
-                  "have no text, so no format term):", "", reward_table(ev), "",
+                  f"Training reward on {ev['validation_queries']} validation queries. No fan-out has one direction, "
+                  "so its diversity and alignment are 1 by construction (not comparable); no fan-out and "
+                  "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
+                  reward_table(ev), "",
                   "### Examples", "", _examples_md(ev), ""]
     if benchmark:
         from r4t_pipeline.bench import format_table

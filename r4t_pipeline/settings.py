@@ -168,7 +168,7 @@ PROFILES: dict[str, dict] = {
                       "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,
                                 "checkpoint_every": 100}},
         "evaluation": {"max_queries": 40, "runs": 3, "best_of_n": 4, "latency_repeats": 2,
-                       "latency_budget_seconds": 15},
+                       "latency_budget_seconds": 10},
     },
     "smoke": {
         "catalog": {"max_collections": {"polyvore": 60, "djmix": 40}},

@@ -86,10 +86,17 @@ def evaluate_wscr(retriever: Retriever, queries: list[str], reference_ids: list[
     return metrics
 
 
-def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0, judge=None,
+                 label=None) -> dict[str, tuple[float, float]]:
+    """Embedding proxies; with an `LLMJudge` (and `label`: id -> text), also the judge's three scores."""
     batch = retriever.retrieve(queries, k, seed=seed)
     proxies = oar_proxies(batch, retriever, retriever.space.encode_queries(queries))
     proxies["average"] = (proxies["groundedness"] + proxies["diversity"] + proxies["alignment"]) / 3
+    if judge is not None:
+        judged = [judge.score(f.query, [(f.subqueries[n] if f.subqueries else f"direction {n + 1}", label(i))
+                                        for n, ids in enumerate(f.candidate_ids) for i in ids])
+                  for f in batch.fanouts]
+        proxies.update({f"judge_{name}": np.array([j[name] for j in judged]) for name in judged[0]})
     metrics = {name: mean_and_error(values) for name, values in proxies.items()}
     metrics["fanout_seconds_per_query"] = (batch.fanout_seconds / len(queries), 0.0)
     return metrics
@@ -129,6 +136,11 @@ def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] 
         val = val.sample(n=min(cfg.max_queries, len(val)), random_state=cfg.seed).reset_index(drop=True)
     val_refs = val["reference_ids"].tolist() if regime == "wscr" else None
     scorer = stack.fanout_scorer(settings, domain, regime)
+    judge = None
+    if cfg.llm_judge_url and regime == "oar":
+        from r4t_pipeline.judge import LLMJudge
+
+        judge = LLMJudge(cfg.llm_judge_url, cfg.llm_judge_model, cfg.llm_judge_api_key_env, seed=cfg.seed)
     metrics, examples, rewards = {}, {}, {}
     for method in methods or stack.METHODS:
         retriever = stack.build_retriever(settings, domain, regime, method)
@@ -137,7 +149,7 @@ def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] 
             metrics[method] = evaluate_wscr(retriever, queries, test["reference_ids"].tolist(), pools, cfg.runs,
                                             cfg.seed)
         else:
-            metrics[method] = evaluate_oar(retriever, queries, k, cfg.seed)
+            metrics[method] = evaluate_oar(retriever, queries, k, cfg.seed, judge, label)
         if method in ("zero_shot", "r4t_folm", "r4t_diffusion"):
             batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
             examples[method] = [{"query": f.query, "directions": [

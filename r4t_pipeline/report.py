@@ -25,7 +25,7 @@ def _cell(value: tuple[float, float], digits: int = 1) -> str:
 def metrics_table(evaluation: dict) -> str:
     metrics = evaluation["metrics"]
     if evaluation["regime"] == "oar":
-        columns = list(OAR_COLUMNS)
+        columns = list(OAR_COLUMNS) + [c for c in next(iter(metrics.values())) if c.startswith("judge_")]
     else:
         pools = list(evaluation["pools"])
         columns = [f"{m}@{p}" for p in pools for m in ("recall", "hit")] + ["vendi"]

@@ -110,6 +110,10 @@ class EvaluationSettings(Section):
     best_of_n: int = 10
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [8, 64, 256, 1024])
     latency_repeats: int = 3
+    llm_judge_url: str | None = Field(None, description="OpenAI-compatible base URL (e.g. http://host/v1); "
+                                                        "None: embedding proxies only")
+    llm_judge_model: str = "gpt-4o-mini"
+    llm_judge_api_key_env: str = "OPENAI_API_KEY"
     latency_budget_seconds: float = Field(60.0, description="a method skips larger batches once one run exceeds this")
     seed: int = 0
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from r4t_pipeline.device import resolve_device
+
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -31,10 +33,6 @@ def truncate_normalize(vectors: np.ndarray, dim: int) -> np.ndarray:
     if dim > vectors.shape[-1]:
         raise ValueError(f"embedding dim {dim} exceeds the encoder's native dim {vectors.shape[-1]}")
     return l2_normalize(np.asarray(vectors, dtype=np.float32)[..., :dim])
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Encoder(ABC):
@@ -60,7 +58,7 @@ class MiniLMEncoder(Encoder):
     def __init__(self, model_path: str | None = None, device: str | None = None, max_seq_length: int = 64):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(model_path or _minilm_location(), device=device or default_device())
+        self.model = SentenceTransformer(model_path or _minilm_location(), device=str(resolve_device(device)))
         self.model.max_seq_length = max_seq_length
 
     def encode_texts(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
@@ -86,7 +84,7 @@ class OpenClipEncoder(Encoder):
     def __init__(self, architecture: str = "ViT-B-32", pretrained: str | None = None, device: str | None = None):
         import open_clip
 
-        self.device = device or default_device()
+        self.device = resolve_device(device)
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(architecture, pretrained=pretrained)
         self.model.eval().to(self.device)
         self.tokenizer = open_clip.get_tokenizer(architecture)

@@ -16,12 +16,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from r4t_pipeline.diffusion.train import DiffusionTrainConfig
-from r4t_pipeline.folm.grpo import FolmTrainConfig
-from r4t_pipeline.folm.tiny import TinyLMSize
+from r4t_pipeline.config import DiffusionTrainConfig, FolmTrainConfig, SynthConfig, TinyLMSize
 from r4t_pipeline.io import stable_hash
 from r4t_pipeline.paths import REPO_ROOT
-from r4t_pipeline.synth import SynthConfig
 
 Domain = Literal["polyvore", "djmix"]
 Regime = Literal["oar", "wscr"]

@@ -22,37 +22,19 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from r4t_pipeline.config import SynthConfig
 from r4t_pipeline.fanout import parse_fanout
 from r4t_pipeline.io import atomic_file, stable_hash
 from r4t_pipeline.rewards import FanoutScorer
 
 LogFn = Callable[[int, dict[str, float]], None]
-
-
-class SynthConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    samples_per_query: int = Field(128, ge=1, description="S fan-outs sampled per training query")
-    temperature: float = 0.9
-    keep: Literal["top_fraction", "threshold"] = "top_fraction"
-    keep_fraction: float = Field(0.25, gt=0, le=1)
-    reward_threshold: float | None = None
-    min_subqueries_fraction: float = Field(0.5, ge=0, le=1,
-                                           description="fan-outs with fewer than this x K sub-queries are dropped")
-    max_queries: int | None = None
-    chunk_queries: int = Field(16, ge=1)
-    batch_size: int = 32
-    max_new_tokens: int = 96
-    seed: int = 0
 
 
 def _cycle_rows(vectors: np.ndarray, k: int) -> np.ndarray:

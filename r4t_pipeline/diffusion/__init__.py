@@ -1,9 +1,9 @@
 """EDM diffusion retriever over sets of embedding rows (pure PyTorch)."""
 
+from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule
 from r4t_pipeline.diffusion.denoiser import PRESETS, DenoiserConfig, SetDenoiser, parameter_count
 from r4t_pipeline.diffusion.edm import (
     EDMPrecond,
-    NoiseSchedule,
     edm_loss,
     guided_denoiser,
     heun_sample,
@@ -13,7 +13,6 @@ from r4t_pipeline.diffusion.edm import (
 )
 from r4t_pipeline.diffusion.train import (
     DiffusionRetrieverModel,
-    DiffusionTrainConfig,
     DiffusionTrainResult,
     train_diffusion,
 )

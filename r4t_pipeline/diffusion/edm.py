@@ -10,52 +10,25 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+from r4t_pipeline.config import NoiseSchedule
 
 # A denoiser closure: (x (B, K, d), sigma) -> D(x; sigma) (B, K, d), condition already bound.
 Denoise = Callable[[Tensor, float], Tensor]
 
 
-class NoiseSchedule(BaseModel):
-    """Where noise levels come from: training draws (`kind`) and the sampler's range [sigma_min, sigma_max].
-
-    sigma_max: rows are L2-normalised 128-d embeddings, so each coordinate has std ~1/sqrt(d) = 0.088
-    (= sigma_data) and a whole (K, d) target has norm sqrt(K); two targets are at most 2 sqrt(K) ~ 6-7
-    apart for K = 10-12. sigma_max must exceed that distance (Song & Ermon 2020, technique 1) so that
-    N(0, sigma_max^2 I) hides which target a sample came from; 10 (~115 sigma_data, close to EDM's
-    80 / 0.5 = 160 for images) does so for K up to 25. Larger values only spend steps on pure noise.
-
-    p_mean: EDM's log-normal (-1.2, 1.2) is tuned for sigma_data = 0.5; shifting P_mean by
-    ln(0.088 / 0.5) = -1.74 keeps the same noise-to-data ratio for our sigma_data.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["tangent", "lognormal"] = "tangent"
-    sigma_min: float = Field(0.002, gt=0)
-    sigma_max: float = Field(10.0, gt=0)
-    p_mean: float = -2.9
-    p_std: float = Field(1.2, gt=0)
-
-    @model_validator(mode="after")
-    def _check_range(self) -> NoiseSchedule:
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
-        return self
-
-    def sample(self, n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
-        """Draw n training noise levels."""
-        if self.kind == "tangent":
-            # sigma = tan(u (atan sigma_max - atan sigma_min) + atan sigma_min), u ~ U(0, 1)
-            lo, hi = math.atan(self.sigma_min), math.atan(self.sigma_max)
-            u = torch.rand(n, generator=generator, device=device)
-            return torch.tan(u * (hi - lo) + lo)
-        # ln sigma ~ N(P_mean, P_std^2)
-        return (self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)).exp()
+def sample_sigmas(schedule: NoiseSchedule, n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """Draw n training noise levels from `schedule`."""
+    if schedule.kind == "tangent":
+        # sigma = tan(u (atan sigma_max - atan sigma_min) + atan sigma_min), u ~ U(0, 1)
+        lo, hi = math.atan(schedule.sigma_min), math.atan(schedule.sigma_max)
+        u = torch.rand(n, generator=generator, device=device)
+        return torch.tan(u * (hi - lo) + lo)
+    # ln sigma ~ N(P_mean, P_std^2)
+    return (schedule.p_mean + schedule.p_std * torch.randn(n, generator=generator, device=device)).exp()
 
 
 class EDMPrecond(nn.Module):

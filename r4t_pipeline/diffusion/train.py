@@ -24,17 +24,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule
+from r4t_pipeline.device import resolve_device
 from r4t_pipeline.diffusion.denoiser import DenoiserConfig, SetDenoiser
 from r4t_pipeline.diffusion.edm import (
     EDMPrecond,
-    NoiseSchedule,
     edm_loss,
     guided_denoiser,
     heun_sample,
+    sample_sigmas,
     sde_sample,
 )
 from r4t_pipeline.io import atomic_dir, atomic_file, stable_hash
@@ -43,33 +44,6 @@ CHECKPOINT_FORMAT = "r4t-edm-set-diffusion/1"
 SAMPLERS = {"heun": heun_sample, "sde": sde_sample}
 DEFAULT_SAMPLER_STEPS = {"heun": 18, "sde": 256}  # EDM's Heun default; the paper's SDE step count
 LogFn = Callable[[int, dict[str, float]], None]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-class DiffusionTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    # Paper: 0.9999 over a long run. Short runs need a shorter horizon; the effective decay also ramps up
-    # as min(ema_decay, (1 + step) / (10 + step)), so early averages are not dominated by the random init.
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    cfg_drop_prob: float = Field(0.1, ge=0, le=1)
-    noise: NoiseSchedule = NoiseSchedule()
-    permute_rows: bool = True  # the paper's augmentation: a set has no row order
-    seed: int = 0
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(50, ge=1)
-    device: str = "auto"
 
 
 @dataclass
@@ -228,7 +202,7 @@ def train_diffusion(
             if tc.permute_rows:
                 perm = torch.rand(y.shape[:2], generator=generator, device=device).argsort(dim=1)
                 y = y.gather(1, perm[..., None].expand_as(y))
-            sigma = tc.noise.sample(tc.batch_size, generator, device)
+            sigma = sample_sigmas(tc.noise, tc.batch_size, generator, device)
             noise = torch.randn(y.shape, generator=generator, device=device)
             drop = torch.rand(tc.batch_size, generator=generator, device=device) < tc.cfg_drop_prob
             mask = None if m_all is None else m_all[idx]

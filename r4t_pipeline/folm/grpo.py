@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from r4t_pipeline.config import FolmTrainConfig
 from r4t_pipeline.folm.generate import Rollouts, sample_rollouts
 from r4t_pipeline.folm.models import load_causal_lm
 from r4t_pipeline.io import atomic_dir, stable_hash, write_json
@@ -40,30 +41,6 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[..., list[dict[str, float]]]
 LogFn = Callable[[int, dict[str, float]], None]
 META_FILE = "r4t_folm.json"
-
-
-class FolmTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(50, ge=1)
-    group_size: int = Field(8, ge=2, description="G completions per query")
-    per_step_queries: int = Field(2, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    epsilon: float = Field(0.2, gt=0, lt=1)
-    beta_forward: float = Field(0.05, ge=0)
-    beta_reverse: float = Field(0.05, ge=0)
-    num_iterations: int = Field(2, ge=1, description="updates per sampled batch; >= 2 lets the KL terms act")
-    max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.9, gt=0)
-    k: int = Field(10, ge=1, description="sub-queries asked for in the prompt")
-    lora_rank: int = Field(0, ge=0, description="0: full fine-tune")
-    lora_alpha: int | None = None
-    generation_batch_size: int = Field(16, ge=1)
-    micro_batch_size: int = Field(8, ge=1, description="completions per forward/backward in the update")
-    seed: int = 0
-    save_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
 
 
 class FolmTrainResult(BaseModel):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from r4t_pipeline.device import resolve_device
 from r4t_pipeline.io import atomic_dir, atomic_file
 from r4t_pipeline.paths import cache_dir
 
@@ -31,10 +32,6 @@ SMOLLM2_CONVERTED = "SmolLM2-135M-Instruct-Q4_1-dequantised"
 
 class OfflineModelUnavailable(RuntimeError):
     """The offline copy of a base model could be neither found nor fetched from the package registry."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _hub_offline() -> bool:
@@ -119,7 +116,7 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a hub id or a local folder; `lora_rank` wraps every linear layer in LoRA."""
     source = resolve_model_source(spec)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device or default_device())
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(resolve_device(device))
     if lora_rank:
         model = add_lora(model, lora_rank, lora_alpha or 2 * lora_rank)
     return model, load_tokenizer(source)

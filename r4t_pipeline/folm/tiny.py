@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
@@ -19,9 +18,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from r4t_pipeline.config import TinyLMSize
+from r4t_pipeline.device import resolve_device
 from r4t_pipeline.fanout import build_messages
 from r4t_pipeline.folm.generate import prompt_ids
-from r4t_pipeline.folm.models import default_device
 from r4t_pipeline.io import atomic_dir
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -30,18 +30,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class TinyLMSize(BaseModel):
-    """Shape of the bootstrap Llama; the defaults give ~1M parameters with a 2k vocabulary."""
-
-    model_config = ConfigDict(extra="forbid")
-    vocab_size: int = Field(2048, ge=300)
-    hidden_size: int = Field(128, ge=16)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(384, ge=16)
-    max_positions: int = Field(512, ge=64)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
@@ -142,7 +130,7 @@ def bootstrap_folm(
     texts = [message["content"] for title, _ in pairs[:50] for message in build_messages(title, k)]
     texts += [title for title, _ in pairs] + [item for _, items in pairs for item in items]
     tokenizer = train_tokenizer(texts, size.vocab_size)
-    model = build_tiny_lm(tokenizer, size, seed).to(default_device())
+    model = build_tiny_lm(tokenizer, size, seed).to(resolve_device())
     losses = sft_warm_start(model, tokenizer, pairs, k, sft_steps, lr, batch_size, seed, log_fn)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

@@ -74,13 +74,15 @@ def sample_queries(texts: list[str], n: int, seed: int = 0) -> list[str]:
     return [texts[i] for i in rng.permutation(len(texts))[:n]]
 
 
-def run_benchmark(settings, domain: str, regime: str, batch_sizes: list[int], repeats: int,
-                  budget_seconds: float, methods: list[str] | None = None, heun_steps: int = 16) -> dict:
-    """Time every method (default: all five, the diffusion retriever with both samplers) on test queries."""
+def run_benchmark(settings, catalog: str, regime: str, corpus_path: str, artefacts, batch_sizes: list[int],
+                  repeats: int, budget_seconds: float, methods: list[str] | None = None, heun_steps: int = 16) -> dict:
+    """Time every method (default: all five, the diffusion retriever with both samplers) on test queries.
+    `artefacts`: the `stack.RetrieverArtefacts` of this catalog and regime."""
     from r4t_pipeline import stack
     from r4t_pipeline.queries import load_corpus
 
-    queries = load_corpus(settings.artefact(domain, "broad_queries"), regime, "test")["query"].tolist()
+    queries = load_corpus(corpus_path, regime, "test")["query"].to_list() or \
+        load_corpus(corpus_path, regime, "train")["query"].to_list()
     pool = settings.rewards.k if regime == "oar" else settings.rewards.k * settings.evaluation.per_direction
     variants = {"r4t_diffusion_sde256": ("r4t_diffusion", "sde", 256),
                 f"r4t_diffusion_heun{heun_steps}": ("r4t_diffusion", "heun", heun_steps)}
@@ -90,9 +92,9 @@ def run_benchmark(settings, domain: str, regime: str, batch_sizes: list[int], re
     results = {}
     for name in names:
         method, sampler, steps = variants.get(name, (name, None, None))
-        retriever = stack.build_retriever(settings, domain, regime, method, sampler=sampler, steps=steps)
+        retriever = stack.build_retriever(settings, regime, method, artefacts, sampler=sampler, steps=steps)
         results[name] = time_batches(retriever, queries, batch_sizes, repeats, pool, budget_seconds)
-    return {"machine": machine(), "domain": domain, "regime": regime, "pool_size": pool,
+    return {"machine": machine(), "catalog": catalog, "regime": regime, "pool_size": pool,
             "config": {"batch_sizes": batch_sizes, "repeats": repeats, "budget_seconds": budget_seconds,
                        "k": settings.rewards.k, "profile": settings.profile},
             "results": results,

@@ -1,4 +1,8 @@
-"""`r4t`: retrieve with any method, benchmark fan-out latency, fetch the source data."""
+"""`r4t`: retrieve with any method, benchmark fan-out latency, fetch the source data.
+
+Every command reads the artefacts of the latest materialisation (the records the Dagster IO manager keeps
+under `<work_dir>/<profile>/records/`) and refuses artefacts built from different versions of the same
+upstream asset. Errors are one line on stderr with a non-zero exit code; `--debug` shows the traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +11,33 @@ import json
 import sys
 from pathlib import Path
 
-from r4t_pipeline.settings import load_settings
+from r4t_pipeline.methods import ALIASES, METHODS
+from r4t_pipeline.settings import Settings, load_settings
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    return [positive_int(part.strip()) for part in text.split(",")]
+
+
+def _catalog(settings: Settings, name: str) -> str:
+    if name not in settings.catalogs:
+        raise UsageError(f"unknown catalog {name!r}; declared: {', '.join(settings.catalogs)} "
+                         "(the catalogs: section of $R4T_CONFIG)")
+    return name
 
 
 def _retrieve(args: argparse.Namespace) -> int:
@@ -15,29 +45,28 @@ def _retrieve(args: argparse.Namespace) -> int:
     from r4t_pipeline.catalog import Catalog
 
     if not args.query.strip():
-        raise SystemExit("r4t retrieve: the query is empty; give a broad intent, e.g. \"bohemian festival style\"")
+        raise UsageError("the query is empty; give a broad intent, e.g. \"bohemian festival style\"")
     settings = load_settings(args.profile)
-    method = {"diffusion": "r4t_diffusion", "folm": "r4t_folm"}.get(args.method, args.method)
-    try:
-        retriever = stack.build_retriever(settings, args.domain, args.regime, method)
-    except FileNotFoundError as err:
-        raise SystemExit(f"r4t retrieve: {err} (e.g. `dagster asset materialize -m r4t_pipeline.definitions "
-                         f"--select '*'`)") from None
+    catalog = _catalog(settings, args.domain)
+    method = ALIASES.get(args.method, args.method)
+    records, artefacts = stack.latest_artefacts(settings, catalog, args.regime, [method])
+    retriever = stack.build_retriever(settings, args.regime, method, artefacts)
     pool = settings.rewards.k * (1 if args.regime == "oar" else args.per_direction)
     fanout = retriever.retrieve([args.query], pool, seed=args.seed).fanouts[0]
-    catalog = Catalog.load(settings.artefact(args.domain, "catalog"))
-    label = (dict(zip(catalog.collections["collection_id"], catalog.collections["title"].where(
-        catalog.collections["title"] != "", catalog.collections["collection_id"]))) if args.regime == "oar"
-        else dict(zip(catalog.items["item_id"], catalog.items["text"])))
+    cat = Catalog.load(records["catalog"].path)
+    if args.regime == "oar":
+        label = {cid: title or cid for cid, title in cat.collections.select("collection_id", "title").iter_rows()}
+    else:
+        label = cat.item_texts()
     directions = [{"direction": n, "subquery": fanout.subqueries[n] if fanout.subqueries else None,
                    "items": [{"id": i, "text": label[i], "score": round(float(s), 4)}
                              for i, s in zip(ids[:args.show], scores[:args.show])]}
                   for n, (ids, scores) in enumerate(zip(fanout.candidate_ids, fanout.candidate_scores))]
     if args.json:
-        print(json.dumps({"query": args.query, "method": method, "domain": args.domain, "regime": args.regime,
+        print(json.dumps({"query": args.query, "method": method, "catalog": catalog, "regime": args.regime,
                           "directions": directions, "merged": fanout.merged}, indent=2))
         return 0
-    print(f"{args.query!r} -> {len(directions)} directions ({method}, {args.domain}/{args.regime})")
+    print(f"{args.query!r} -> {len(directions)} directions ({method}, {catalog}/{args.regime})")
     for d in directions:
         print(f"\n[{d['direction'] + 1}] {d['subquery'] or '(generated direction)'}")
         for item in d["items"]:
@@ -48,69 +77,83 @@ def _retrieve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from r4t_pipeline.bench import format_table, run_benchmark
     from r4t_pipeline.io import write_json
+    from r4t_pipeline.stack import latest_artefacts
 
     settings = load_settings(args.profile)
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
-    report = run_benchmark(settings, args.domain, args.regime, sizes, args.repeats, args.budget_seconds,
-                           args.methods.split(",") if args.methods else None)
+    catalog = _catalog(settings, args.domain)
+    methods = [ALIASES.get(m, m) for m in args.methods.split(",")] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    records, artefacts = latest_artefacts(settings, catalog, args.regime, methods)
+    report = run_benchmark(settings, catalog, args.regime, records["broad_queries"].path, artefacts,
+                           args.batch_sizes, args.repeats, args.budget_seconds, methods)
     write_json(args.out, report)
-    print(format_table(report["results"], sizes))
+    print(format_table(report["results"], args.batch_sizes))
     print(f"\nwritten to {args.out}")
     return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    from r4t_pipeline.catalogs import BUILTINS
     from r4t_pipeline.sources import resolve_data_dir
     from r4t_pipeline.sources.files import ensure_files
-    from r4t_pipeline.stack import source_files
 
     data_dir = resolve_data_dir(args.data_dir)
-    for domain in args.domains:
-        paths = ensure_files(data_dir, source_files(domain), allow_download=True)
+    for builtin in args.domains:
+        paths = ensure_files(data_dir, BUILTINS[builtin][1], allow_download=True)
         print("\n".join(str(p) for p in paths.values()))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r4t", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r4t", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default=None, help="smoke | demo | paper (default: $R4T_PROFILE or demo)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     retrieve = sub.add_parser("retrieve", help="retrieve a set of items for a broad query")
     retrieve.add_argument("query")
-    retrieve.add_argument("--domain", choices=["polyvore", "djmix"], default="polyvore")
+    retrieve.add_argument("--domain", "--catalog", dest="domain", default="polyvore",
+                          help="a declared catalog (default polyvore)")
     retrieve.add_argument("--regime", choices=["oar", "wscr"], default="wscr",
                           help="wscr: retrieve items; oar: retrieve collections")
-    retrieve.add_argument("--method", default="diffusion",
-                          choices=["diffusion", "folm", "no_fanout", "zero_shot", "best_of_n", "r4t_folm",
-                                   "r4t_diffusion"])
-    retrieve.add_argument("--per-direction", type=int, default=5, help="items shown and retrieved per direction")
-    retrieve.add_argument("--show", type=int, default=5)
+    retrieve.add_argument("--method", default="diffusion", choices=[*ALIASES, *METHODS])
+    retrieve.add_argument("--per-direction", type=positive_int, default=5,
+                          help="items shown and retrieved per direction")
+    retrieve.add_argument("--show", type=positive_int, default=5)
     retrieve.add_argument("--seed", type=int, default=0)
     retrieve.add_argument("--json", action="store_true", help="machine-readable output")
     retrieve.set_defaults(run=_retrieve)
 
     bench = sub.add_parser("bench", help="fan-out latency per batch size for every method (writes JSON)")
-    bench.add_argument("--domain", choices=["polyvore", "djmix"], default="polyvore")
+    bench.add_argument("--domain", "--catalog", dest="domain", default="polyvore")
     bench.add_argument("--regime", choices=["oar", "wscr"], default="oar")
-    bench.add_argument("--batch-sizes", default="8,64,256,1024")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--batch-sizes", type=positive_int_list, default=[8, 64, 256, 1024],
+                       help="comma-separated positive integers (default 8,64,256,1024)")
+    bench.add_argument("--repeats", type=positive_int, default=3)
     bench.add_argument("--budget-seconds", type=float, default=120.0,
                        help="skip larger batches of a method once one run exceeds this")
     bench.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     bench.add_argument("--out", type=Path, default=Path("bench.json"))
     bench.set_defaults(run=_bench)
 
-    fetch = sub.add_parser("fetch-data", help="download the source data files into the data directory")
+    fetch = sub.add_parser("fetch-data", help="download the built-in catalogs' source files into the data directory")
     fetch.add_argument("--data-dir", default=None)
     fetch.add_argument("--domains", nargs="+", default=["polyvore", "djmix"], choices=["polyvore", "djmix"])
     fetch.set_defaults(run=_fetch)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as err:
-        print(f"r4t {args.command}: {err}", file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"r4t {args.command}: {message}", file=sys.stderr)
         return 2
 
 

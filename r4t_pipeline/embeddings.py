@@ -45,9 +45,12 @@ class CatalogEmbeddings:
 
 
 def embed_catalog(catalog: Catalog, space: EmbeddingSpace) -> CatalogEmbeddings:
-    images = catalog.items["image_path"].tolist() if catalog.items["image_path"].str.len().any() else None
-    items = space.encode_items(catalog.items["text"].tolist(), images)
-    position = {item_id: row for row, item_id in enumerate(catalog.items["item_id"])}
-    collections = np.stack([items[[position[i] for i in ids]].mean(axis=0) for ids in catalog.collections["item_ids"]])
-    return CatalogEmbeddings(catalog.items["item_id"].to_numpy(str), items,
-                             catalog.collections["collection_id"].to_numpy(str), l2_normalize(collections), space.name)
+    paths = catalog.items["image_path"].to_list()
+    items = space.encode_items(catalog.items["text"].to_list(), paths if any(paths) else None)
+    item_ids = catalog.items["item_id"].to_list()
+    position = {item_id: row for row, item_id in enumerate(item_ids)}
+    collections = np.stack([items[[position[i] for i in ids]].mean(axis=0)
+                            for ids in catalog.collections["item_ids"].to_list()])
+    return CatalogEmbeddings(np.asarray(item_ids, dtype=str), items,
+                             np.asarray(catalog.collections["collection_id"].to_list(), dtype=str),
+                             l2_normalize(collections), space.name)

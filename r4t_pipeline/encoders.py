@@ -7,12 +7,13 @@ unchanged text is never encoded twice, whatever `dim` is asked for later.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,14 @@ class EmbeddingCache:
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS emb (encoder TEXT, key TEXT, vec BLOB, PRIMARY KEY (encoder, key))")
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with sqlite3.connect(self.path, timeout=60) as db:
+                yield db
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"{self.path}: the embedding cache is unreadable ({err}); delete the file and it is "
+                             "rebuilt (embeddings are recomputed)") from None
 
     def get_many(self, encoder: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}

@@ -114,28 +114,37 @@ def training_reward(retriever: Retriever, scorer, queries: list[str], reference_
     return {name: float(np.mean([t[name] for t in terms])) for name in terms[0]}
 
 
-def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] | None = None,
-                   n_examples: int = 3) -> dict:
-    """All methods on the regime's test split: metrics per method and a few qualitative examples."""
+def _sample(frame, max_queries: int | None, seed: int):
+    return frame.sample(n=max_queries, seed=seed) if max_queries and frame.height > max_queries else frame
+
+
+def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, artefacts,
+                   methods: tuple[str, ...] | None = None, n_examples: int = 3) -> dict:
+    """All methods on the regime's test split (human- or LLM-written queries only, see `queries`): metrics per
+    method, the training reward of each on the validation split, and a few qualitative examples.
+    `artefacts`: the `stack.RetrieverArtefacts` the records on the evaluation's edges name."""
     from r4t_pipeline import stack
     from r4t_pipeline.catalog import Catalog
     from r4t_pipeline.queries import load_corpus
 
     cfg, k = settings.evaluation, settings.rewards.k
-    test = load_corpus(settings.artefact(domain, "broad_queries"), regime, "test")
-    if cfg.max_queries:
-        test = test.sample(n=min(cfg.max_queries, len(test)), random_state=cfg.seed).reset_index(drop=True)
-    queries = test["query"].tolist()
-    catalog = Catalog.load(settings.artefact(domain, "catalog"))
+    test = _sample(load_corpus(corpus_path, regime, "test"), cfg.max_queries, cfg.seed)
+    val = _sample(load_corpus(corpus_path, regime, "val"), cfg.max_queries, cfg.seed)
+    catalog = Catalog.load(catalog_path)
+    queries = test["query"].to_list()
     paper_pool = k * cfg.per_direction
     pools = {f"{paper_pool // 1000}K" if paper_pool % 1000 == 0 else str(paper_pool): paper_pool,
-             f"{100 * cfg.catalog_pool_fraction:g}%": max(k, round(cfg.catalog_pool_fraction * len(catalog.items)))}
+             f"{100 * cfg.catalog_pool_fraction:g}%": max(k, round(cfg.catalog_pool_fraction * catalog.items.height))}
+    about = {"catalog": catalog.name, "regime": regime, "queries": len(queries), "pools": pools,
+             "validation_queries": val.height, "query_sources": dict(test["source"].value_counts().iter_rows()),
+             "leakage": float(test["leakage"].mean()) if regime == "wscr" and test.height else None}
+    if not queries or not val.height:
+        return {**about, "metrics": {}, "examples": {}, "validation_reward": {},
+                "skipped": f"no {regime.upper()} {'test' if not queries else 'validation'} queries: the catalog has "
+                           "no titled collections (declare queries.wscr_query_model to describe them)"}
     label = _labeller(catalog, regime)
-    val = load_corpus(settings.artefact(domain, "broad_queries"), regime, "val")
-    if cfg.max_queries:
-        val = val.sample(n=min(cfg.max_queries, len(val)), random_state=cfg.seed).reset_index(drop=True)
-    val_refs = val["reference_ids"].tolist() if regime == "wscr" else None
-    scorer = stack.fanout_scorer(settings, domain, regime)
+    val_refs = val["reference_ids"].to_list() if regime == "wscr" else None
+    scorer = stack.fanout_scorer(settings, regime, artefacts.index)
     judge = None
     if cfg.llm_judge_url and regime == "oar":
         from r4t_pipeline.judge import LLMJudge
@@ -143,10 +152,10 @@ def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] 
         judge = LLMJudge(cfg.llm_judge_url, cfg.llm_judge_model, cfg.llm_judge_api_key_env, seed=cfg.seed)
     metrics, examples, rewards = {}, {}, {}
     for method in methods or stack.METHODS:
-        retriever = stack.build_retriever(settings, domain, regime, method)
-        rewards[method] = training_reward(retriever, scorer, val["query"].tolist(), val_refs, cfg.seed)
+        retriever = stack.build_retriever(settings, regime, method, artefacts)
+        rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
         if regime == "wscr":
-            metrics[method] = evaluate_wscr(retriever, queries, test["reference_ids"].tolist(), pools, cfg.runs,
+            metrics[method] = evaluate_wscr(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs,
                                             cfg.seed)
         else:
             metrics[method] = evaluate_oar(retriever, queries, k, cfg.seed, judge, label)
@@ -155,17 +164,16 @@ def run_evaluation(settings, domain: str, regime: str, methods: tuple[str, ...] 
             examples[method] = [{"query": f.query, "directions": [
                 {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
                 for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
-    return {"domain": domain, "regime": regime, "queries": len(queries), "pools": pools, "metrics": metrics,
-            "examples": examples, "validation_reward": rewards, "validation_queries": len(val)}
+    return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards}
 
 
 def _labeller(catalog, regime: str):
     """Readable text for a retrieved id: an item's text, or a collection's title and first items."""
-    items = dict(zip(catalog.items["item_id"], catalog.items["text"]))
+    items = catalog.item_texts()
     if regime == "wscr":
         return items.__getitem__
-    collections = {cid: (title, ids) for cid, title, ids in zip(
-        catalog.collections["collection_id"], catalog.collections["title"], catalog.collections["item_ids"])}
+    collections = {cid: (title, ids) for cid, title, ids in
+                   catalog.collections.select("collection_id", "title", "item_ids").iter_rows()}
 
     def label(collection_id: str) -> str:
         title, ids = collections[collection_id]

@@ -12,8 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-METHOD_NAMES = {"no_fanout": "No fan-out", "zero_shot": "Zero-shot fan-out", "best_of_n": "Best-of-N",
-                "r4t_folm": "R4T-FOLM", "r4t_diffusion": "R4T-Diffusion"}
+from r4t_pipeline.methods import METHODS  # noqa: E402
+
+METHOD_NAMES = {name: method.title for name, method in METHODS.items()}
 OAR_COLUMNS = ("diversity", "alignment", "groundedness", "average")
 
 
@@ -74,7 +75,8 @@ def latency_figure(benchmark: dict) -> str:
     def draw(ax):
         for method, rows in benchmark["results"].items():
             sizes = [int(b) for b, r in rows.items() if "median_seconds" in r]
-            ax.plot(sizes, [rows[str(b)]["median_seconds"] for b in sizes], marker="o", label=method)
+            ax.plot(sizes, [rows[str(b)]["median_seconds"] for b in sizes], marker="o",
+                    label=f"{benchmark['catalog']}: {method}")
         ax.set(xscale="log", yscale="log", xlabel="batch size (queries)", ylabel="seconds per batch (median)",
                title=f"Fan-out latency, {benchmark['machine']['device']}")
         ax.legend(fontsize=7)
@@ -103,24 +105,37 @@ def _examples_md(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(evaluations: list[dict], benchmark: dict | None) -> str:
+def _queries_note(ev: dict) -> str:
+    sources = ", ".join(f"{n} {source}" for source, n in sorted(ev.get("query_sources", {}).items()))
+    leak = "" if ev.get("leakage") is None else (f"; leakage (share of query words found in the reference items) "
+                                                 f"{ev['leakage']:.2f}")
+    return f"Test queries: {sources or 'none'}{leak}."
+
+
+def render_markdown(evaluations: list[dict], benchmarks: list[dict]) -> str:
     parts = ["# R4T evaluation report", ""]
     for ev in evaluations:
         table = "Table 1 (OAR)" if ev["regime"] == "oar" else "Table 2 (WSCR)"
-        parts += [f"## {ev['domain']} · {ev['regime'].upper()} ({table} shape, {ev['queries']} test queries)", "",
-                  metrics_table(ev), "", _pool_note(ev), "",
+        parts += [f"## {ev['catalog']} · {ev['regime'].upper()} ({table} shape, {ev['queries']} test queries)", ""]
+        if ev.get("skipped"):
+            parts += [f"Not evaluated: {ev['skipped']}.", ""]
+            continue
+        parts += [metrics_table(ev), "", _pool_note(ev), _queries_note(ev), "",
                   f"Training reward on {ev['validation_queries']} validation queries. No fan-out has one direction, "
                   "so its diversity and alignment are 1 by construction (not comparable); no fan-out and "
                   "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
                   reward_table(ev), "",
                   "### Examples", "", _examples_md(ev), ""]
-    if benchmark:
+    if benchmarks:
         from r4t_pipeline.bench import format_table
 
-        sizes = benchmark["config"]["batch_sizes"]
-        parts += ["## Fan-out latency (seconds per batch, median)", "", format_table(benchmark["results"], sizes), "",
-                  f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
-                  f"{benchmark['domain']}/{benchmark['regime']}; n/a = skipped after exceeding the time budget."]
+        parts += ["## Fan-out latency (seconds per batch, median)", ""]
+        for benchmark in benchmarks:
+            sizes = benchmark["config"]["batch_sizes"]
+            parts += [f"### {benchmark['catalog']} · {benchmark['regime'].upper()}", "",
+                      format_table(benchmark["results"], sizes), "",
+                      f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
+                      "n/a = skipped after exceeding the time budget.", ""]
     return "\n".join(parts)
 
 

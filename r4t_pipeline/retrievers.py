@@ -129,8 +129,9 @@ class R4TFolm(TextFanout):
 
 
 class BestOfN(TextFanout):
-    """N zero-shot fan-outs per query, the best kept by the training reward. In WSCR that reward reads
-    the reference set, so Best-of-N there is an oracle-selected baseline (as in the paper's setup)."""
+    """N zero-shot fan-outs per query, the best kept by a reference-free reward (`scorer`): the OAR reward.
+    At query time there is no reference set, so in WSCR too the selection scores groundedness, diversity and
+    alignment over the items rather than coverage (which would make it an oracle)."""
 
     name = "best_of_n"
 
@@ -141,9 +142,8 @@ class BestOfN(TextFanout):
     def directions(self, queries, seed, reference_ids=None):
         samples = self.sample_subqueries(queries, self.n, seed)
         flat_queries = [q for q, group in zip(queries, samples) for _ in group]
-        flat_refs = None if reference_ids is None else [r for r, group in zip(reference_ids, samples) for _ in group]
         totals = np.array([t["total"] for t in self.scorer.score_subqueries(
-            flat_queries, [s for group in samples for s in group], flat_refs)]).reshape(len(queries), -1)
+            flat_queries, [s for group in samples for s in group])]).reshape(len(queries), -1)
         best = [group[int(np.argmax(row))] for group, row in zip(samples, totals)]
         return self._embed(best), best
 

@@ -2,7 +2,8 @@
 CPU, ~30 min for everything) and `paper` (the paper's settings, for a GPU).
 
 One switch selects a profile: $R4T_PROFILE (or `profile:` in the deployment YAML named by $R4T_CONFIG,
-default `resources/local.yaml`). The YAML may also override any field, e.g. `rewards: {w_diversity: 0.3}`.
+default `resources/local.yaml`). The YAML may also override any field, e.g. `rewards: {w_diversity: 0.3}`, and
+declares the catalogs (`catalogs:`, see `CatalogDeclaration`; default: the two built-in ones).
 Each stage's section is hashed into its asset's `code_version`, so editing one section marks only that
 asset and what depends on it stale.
 """
@@ -10,18 +11,19 @@ asset and what depends on it stale.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r4t_pipeline.config import DiffusionTrainConfig, FolmTrainConfig, SynthConfig, TinyLMSize
 from r4t_pipeline.io import stable_hash
 from r4t_pipeline.paths import REPO_ROOT
 
-Domain = Literal["polyvore", "djmix"]
 Regime = Literal["oar", "wscr"]
+CATALOG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # an asset-key prefix and a Dagster group name
 PROFILE_ENV, CONFIG_ENV = "R4T_PROFILE", "R4T_CONFIG"
 
 
@@ -36,14 +38,59 @@ class CatalogSettings(Section):
     """`data_dir` and `allow_download` say where the files come from, not what they hold (the catalog's
     data version is the content hash of the files), so they stay out of the code version."""
 
-    data_dir: str | None = Field(None, description="source data folder; None: $R4T_DATA_DIR, else ./data")
+    data_dir: str | None = Field(None, description="built-in source data folder; None: $R4T_DATA_DIR, else ./data")
     allow_download: bool = True
-    max_collections: dict[str, int | None] = Field(default_factory=lambda: {"polyvore": None, "djmix": None},
-                                                   description="per-domain cap (random, fixed seed); None = all")
+    max_collections: dict[str, int | None] = Field(default_factory=dict,
+                                                   description="per-catalog cap (random, fixed seed); absent = all")
     seed: int = 0
 
     def version(self) -> str:
         return stable_hash(self.model_dump(mode="json", exclude={"data_dir", "allow_download"}))
+
+
+class SqlDeclaration(Section):
+    """A catalog in a database: `items` and `collections` are table names or SELECT queries (the collections
+    result has `item_ids`, or one row per membership: collection_id, item_id[, position])."""
+
+    url: str = Field(description="SQLAlchemy URL without the password, e.g. postgresql+psycopg2://r4t@db:5432/shop")
+    password_env: str | None = Field(None, description="environment variable holding the password")
+    items: str
+    collections: str
+    updated_at: str | dict[str, str] | None = Field(
+        None, description="timestamp column for the change fingerprint (one name, or per table: items/collections);"
+                          " None: row counts and a hash of the ids")
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        if make_url(url).password:
+            raise ValueError("the URL holds a password: remove it and name an environment variable in password_env")
+        return url
+
+
+class CatalogDeclaration(Section):
+    """Where one catalog comes from: exactly one of `builtin`, `files`, `sql`."""
+
+    builtin: Literal["polyvore", "djmix"] | None = None
+    files: str | None = Field(None, description="folder in the generic format (items + collections, Parquet or CSV)")
+    sql: SqlDeclaration | None = None
+    facets: str | None = Field(None, description="facet vocabulary YAML for OAR templates; None: the built-in's, "
+                                                 "else derived from the catalog")
+    max_collections: int | None = Field(None, ge=1,
+                                        description="cap (random, fixed seed); None: catalog.max_collections")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CatalogDeclaration:
+        given = [k for k in ("builtin", "files", "sql") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"declare exactly one source (builtin, files or sql), got {given or 'none'}")
+        return self
+
+
+def _default_catalogs() -> dict[str, CatalogDeclaration]:
+    return {name: CatalogDeclaration(builtin=name) for name in ("polyvore", "djmix")}
 
 
 class EncoderSettings(Section):
@@ -67,7 +114,17 @@ class QuerySettings(Section):
     max_title_queries: int | None = None
     max_wscr_pairs: int | None = None
     wscr_query_model: str | None = Field(None, description="causal LM naming untitled sets; None: keyword summary")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares (WSCR: of the human- or LLM-written pairs; keyword "
+                                     "summaries are training data only)")
     seed: int = 0
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must be three non-negative shares summing to 1, got {fractions}")
+        return fractions
 
 
 class RewardSettings(Section):
@@ -120,8 +177,10 @@ class Settings(BaseModel):
 
     profile: str = "demo"
     work_dir: str = Field(".r4t", description="artefact root; relative paths are under the repository")
-    domains: list[Domain] = Field(default_factory=lambda: ["polyvore", "djmix"])
+    catalogs: dict[str, CatalogDeclaration] = Field(default_factory=_default_catalogs,
+                                                    description="name -> source; default: the built-in two")
     regimes: list[Regime] = Field(default_factory=lambda: ["oar", "wscr"])
+    retention: int = Field(3, ge=1, description="versions kept per asset (older ones are deleted after a run)")
     mlflow_tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite in work_dir")
     catalog: CatalogSettings = CatalogSettings()
     encoder: EncoderSettings = EncoderSettings()
@@ -133,13 +192,25 @@ class Settings(BaseModel):
     diffusion: DiffusionSettings = DiffusionSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
 
+    @field_validator("catalogs")
+    @classmethod
+    def _catalog_names(cls, catalogs: dict[str, CatalogDeclaration]) -> dict[str, CatalogDeclaration]:
+        if not catalogs:
+            raise ValueError("declare at least one catalog")
+        bad = [name for name in catalogs if not CATALOG_NAME.match(name)]
+        if bad:
+            raise ValueError(f"catalog names {bad} must start with a letter and hold only letters, digits and _")
+        return catalogs
+
     @property
     def root(self) -> Path:
         root = Path(os.path.expandvars(self.work_dir)).expanduser()
         return (root if root.is_absolute() else REPO_ROOT / root) / self.profile
 
-    def artefact(self, *parts: str) -> Path:
-        return self.root.joinpath(*parts)
+    @property
+    def records_dir(self) -> Path:
+        """The latest record of each asset (the IO manager's storage; the CLI and the service read it)."""
+        return self.root / "records"
 
     @property
     def mlflow_artifact_location(self) -> str | None:
@@ -208,14 +279,46 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+class SettingsError(ValueError):
+    """A deployment YAML or override that cannot be used; the message names the file and the field."""
+
+
+def _read_deployment(path: Path, explicit: bool) -> dict:
+    if not path.exists():
+        if explicit:
+            raise SettingsError(f"{path}: no such configuration file (${CONFIG_ENV} names it; unset it "
+                                f"to use {REPO_ROOT / 'resources' / 'local.yaml'})")
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise SettingsError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_settings(profile: str | None = None, config_path: str | os.PathLike | None = None,
                   overrides: dict | None = None) -> Settings:
-    """Profile defaults, then the deployment YAML, then explicit overrides (tests)."""
-    path = Path(config_path or os.environ.get(CONFIG_ENV) or REPO_ROOT / "resources" / "local.yaml")
-    deployment = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
-    name = profile or os.environ.get(PROFILE_ENV) or deployment.pop("profile", None) or "demo"
+    """Profile defaults, then the deployment YAML, then explicit overrides (tests). A `catalogs` mapping given
+    by the YAML or the overrides replaces the default set (it is not merged into it). `config_path=os.devnull`
+    reads no deployment file."""
+    explicit = config_path or os.environ.get(CONFIG_ENV)
+    path = Path(explicit or REPO_ROOT / "resources" / "local.yaml")
+    deployment = _read_deployment(path, explicit=bool(explicit))
+    name = profile or os.environ.get(PROFILE_ENV) or deployment.get("profile") or "demo"
     deployment.pop("profile", None)
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} (set ${PROFILE_ENV})")
+        raise SettingsError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} (set ${PROFILE_ENV})")
     merged = deep_merge(deep_merge(PROFILES[name], deployment), overrides or {})
-    return Settings.model_validate({**merged, "profile": name})
+    for layer in (overrides or {}, deployment):
+        if "catalogs" in layer:
+            merged["catalogs"] = layer["catalogs"]
+            break
+    try:
+        return Settings.model_validate({**merged, "profile": name})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        raise SettingsError(f"{path if deployment else 'settings'}: {problems}") from None

@@ -1,58 +1,40 @@
-"""Builds the library's objects from `Settings` (shared by the Dagster layer, the CLI and the benchmark)."""
+"""Builds the library's objects from settings sections and artefact paths (shared by the Dagster layer, the CLI
+and the benchmark). Where artefacts live is never derived here: callers pass the paths their records name."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, build_encoder
 from r4t_pipeline.index import VectorIndex
 from r4t_pipeline.io import file_sha256
+from r4t_pipeline.methods import METHODS as REGISTERED
 from r4t_pipeline.paths import assets_dir
+from r4t_pipeline.records import Record, RecordStore, check_consistent
 from r4t_pipeline.retrievers import BestOfN, NoFanout, R4TDiffusion, R4TFolm, Retriever, ZeroShotFanout
 from r4t_pipeline.rewards import FanoutScorer, RewardConfig, load_reward_preset
 from r4t_pipeline.settings import Settings
-from r4t_pipeline.sources import djmix, polyvore
-from r4t_pipeline.sources.files import SourceFile
 
 _SPACES: dict[tuple, EmbeddingSpace] = {}
-
-
-def source_files(domain: str) -> list[SourceFile]:
-    return {"polyvore": polyvore.FILES, "djmix": djmix.FILES}[domain]
+METHODS = tuple(REGISTERED)
+BASE_RECORD = "r4t_base.json"  # in a folm_base version: which model the zero-shot FOLM is
 
 
 def embedding_space(settings: Settings, show_progress: bool = False) -> EmbeddingSpace:
     """One loaded encoder per process and configuration (loading MiniLM takes seconds)."""
     cfg = settings.encoder
-    key = (cfg.version(), str(settings.root))
+    cache_path = settings.root.parent / "cache" / "embeddings.sqlite"
+    key = (cfg.version(), str(cache_path))
     if key not in _SPACES:
         encoder = build_encoder(cfg.kind, model_path=cfg.model_path, architecture=cfg.clip_architecture,
                                 pretrained=cfg.clip_pretrained)
-        cache = EmbeddingCache(settings.root.parent / "cache" / "embeddings.sqlite")
-        _SPACES[key] = EmbeddingSpace(encoder, cfg.dim, cache, cfg.batch_size)
+        _SPACES[key] = EmbeddingSpace(encoder, cfg.dim, EmbeddingCache(cache_path), cfg.batch_size)
     space = _SPACES[key]
     space.show_progress = show_progress
     return space
 
-
-# ---- artefact locations (one place, shared by assets, CLI and benchmark) ------------------------------
-
-def folm_base_dir(settings: Settings, domain: str) -> Path:
-    return settings.artefact(domain, "folm_base")
-
-
-def stage_dir(settings: Settings, domain: str, regime: str, stage: str) -> Path:
-    """stage: folm | synthetic_targets | diffusion | evaluation"""
-    return settings.artefact(domain, regime, stage)
-
-
-def index_dir(settings: Settings, domain: str, regime: str) -> Path:
-    """The regime's database: OAR retrieves collections, WSCR retrieves items."""
-    return settings.artefact(domain, "index", "collections" if regime == "oar" else "items")
-
-
-# ---- loaded objects -------------------------------------------------------------------------------
 
 def reward_config(settings: Settings, regime: str) -> RewardConfig:
     preset = load_reward_preset(settings.rewards.presets[regime])
@@ -68,13 +50,8 @@ def reward_files_hash(settings: Settings, regime: str) -> str:
     return file_sha256(path) if path.exists() else settings.rewards.presets[regime]
 
 
-def load_index(settings: Settings, domain: str, regime: str) -> VectorIndex:
-    return VectorIndex.load(index_dir(settings, domain, regime))
-
-
-def fanout_scorer(settings: Settings, domain: str, regime: str) -> FanoutScorer:
-    index = load_index(settings, domain, regime)
-    return FanoutScorer(embedding_space(settings), index, reward_config(settings, regime))
+def fanout_scorer(settings: Settings, regime: str, index_path: str | Path) -> FanoutScorer:
+    return FanoutScorer(embedding_space(settings), VectorIndex.load(index_path), reward_config(settings, regime))
 
 
 def load_folm(path: Path | str):
@@ -86,41 +63,73 @@ def load_folm(path: Path | str):
     return model.eval(), tokenizer
 
 
-METHODS = ("no_fanout", "zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion")
+def base_model(folm_base_path: str | Path) -> str:
+    """The zero-shot FOLM a folm_base version records: its own folder, or the pretrained model it names."""
+    record = Path(folm_base_path) / BASE_RECORD
+    if not record.exists():
+        raise FileNotFoundError(f"no base FOLM recorded at {record}; materialise folm_base first")
+    return json.loads(record.read_text())["model"]
 
 
-def build_retriever(settings: Settings, domain: str, regime: str, method: str,
+@dataclass(frozen=True)
+class RetrieverArtefacts:
+    """The artefact paths one catalog and regime's retrievers read (from the records on the asset edges)."""
+
+    index: str                      # the regime's database (a VectorIndex folder)
+    base_folm: str | None = None    # the zero-shot FOLM model folder
+    folm: str | None = None         # the RL-tuned FOLM model folder
+    diffusion: str | None = None    # the diffusion checkpoint folder
+
+
+def build_retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts,
                     sampler: str | None = None, steps: int | None = None) -> Retriever:
-    """Any of the five methods over the regime's database, from the materialised artefacts."""
-    space, index = embedding_space(settings), load_index(settings, domain, regime)
+    """Any of the five methods over the regime's database."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    space, index = embedding_space(settings), VectorIndex.load(artefacts.index)
     k, train = settings.rewards.k, settings.folm.train
     text_kwargs = {"k": k, "temperature": train.temperature, "max_new_tokens": train.max_new_tokens,
                    "batch_size": train.generation_batch_size}
     if method == "no_fanout":
         return NoFanout(space, index)
     if method in ("zero_shot", "best_of_n"):
-        model, tokenizer = load_folm(base_model_path(settings, domain))
+        model, tokenizer = load_folm(_required(artefacts.base_folm, "folm_base"))
         if method == "zero_shot":
             return ZeroShotFanout(space, index, model, tokenizer, **text_kwargs)
-        scorer = FanoutScorer(space, index, reward_config(settings, regime))
-        return BestOfN(space, index, model, tokenizer, scorer=scorer, n=settings.evaluation.best_of_n, **text_kwargs)
+        selection = FanoutScorer(space, index, reward_config(settings, "oar"))  # reference-free in both regimes
+        return BestOfN(space, index, model, tokenizer, scorer=selection, n=settings.evaluation.best_of_n,
+                       **text_kwargs)
     if method == "r4t_folm":
-        return R4TFolm(space, index, *load_folm(stage_dir(settings, domain, regime, "folm")), **text_kwargs)
-    if method == "r4t_diffusion":
-        from r4t_pipeline.diffusion.train import DiffusionRetrieverModel
+        return R4TFolm(space, index, *load_folm(_required(artefacts.folm, "folm_checkpoint")), **text_kwargs)
+    from r4t_pipeline.diffusion.train import DiffusionRetrieverModel
 
-        path = stage_dir(settings, domain, regime, "diffusion")
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no diffusion checkpoint at {path}; materialise diffusion_checkpoint first")
-        cfg = settings.diffusion
-        return R4TDiffusion(space, index, DiffusionRetrieverModel.load(path), sampler or cfg.sampler,
-                            steps or cfg.sampler_steps, cfg.guidance)
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    path = Path(_required(artefacts.diffusion, "diffusion_checkpoint"))
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no diffusion checkpoint at {path}; materialise diffusion_checkpoint first")
+    cfg = settings.diffusion
+    return R4TDiffusion(space, index, DiffusionRetrieverModel.load(path), sampler or cfg.sampler,
+                        steps or cfg.sampler_steps, cfg.guidance)
 
 
-def base_model_path(settings: Settings, domain: str) -> str:
-    """The zero-shot FOLM: the bootstrap folder of this domain, or the pretrained model."""
-    record = folm_base_dir(settings, domain) / "r4t_base.json"
-    if not record.exists():
-        raise FileNotFoundError(f"no base FOLM recorded at {record}; materialise {domain}/folm_base first")
-    return json.loads(record.read_text())["model"]
+def latest_artefacts(settings: Settings, catalog: str, regime: str, methods: list[str]
+                     ) -> tuple[dict[str, Record], RetrieverArtefacts]:
+    """The latest materialised records that retrieving with `methods` needs (from the record store the Dagster IO
+    manager writes), refused when they were built from different versions of a common upstream asset."""
+    store = RecordStore(settings.records_dir)
+    records = {asset: store.read(f"{catalog}/{asset}") for asset in ("catalog", "embedding_index", "broad_queries")}
+    for method in methods:
+        for asset in REGISTERED[method].assets:
+            records[asset] = store.read(f"{catalog}/{asset}" if asset == "folm_base" else f"{catalog}/{regime}/{asset}")
+    check_consistent(records.values())
+    get = records.get
+    artefacts = RetrieverArtefacts(index=records["embedding_index"].for_regime(regime),
+                                   base_folm=base_model(get("folm_base").path) if get("folm_base") else None,
+                                   folm=get("folm_checkpoint").model if get("folm_checkpoint") else None,
+                                   diffusion=get("diffusion_checkpoint").model if get("diffusion_checkpoint") else None)
+    return records, artefacts
+
+
+def _required(path: str | None, asset: str) -> str:
+    if not path:
+        raise FileNotFoundError(f"this method needs the {asset} asset; materialise it first")
+    return path

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -50,7 +50,7 @@ def _chunk_table(rows: list[dict], k: int, dim: int) -> pa.Table:
     return table.append_column("query_embedding", query).append_column("targets", targets)
 
 
-def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pd.DataFrame, config: SynthConfig,
+def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pl.DataFrame, config: SynthConfig,
                        out_dir: Path, folm_checkpoint: str, log_fn: LogFn | None = None) -> dict:
     """Write the target Parquet dataset to `out_dir` (atomically, resuming a previous partial run)."""
     from r4t_pipeline.folm.generate import generate_fanouts
@@ -59,7 +59,7 @@ def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pd.DataF
     queries = queries.head(config.max_queries) if config.max_queries else queries
     stage = out_dir.with_name(out_dir.name + ".partial")
     fingerprint = stable_hash([config.model_dump(), folm_checkpoint, scorer.config.model_dump(),
-                               queries["query_id"].tolist()])
+                               queries["query_id"].to_list()])
     progress_file = stage / "progress.json"
     resumable = progress_file.exists() and json.loads(progress_file.read_text())["fingerprint"] == fingerprint
     if stage.exists() and not resumable:
@@ -67,13 +67,13 @@ def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pd.DataF
     stage.mkdir(parents=True, exist_ok=True)
     progress_file.write_text(json.dumps({"fingerprint": fingerprint}))
 
-    chunks = [queries.iloc[i:i + config.chunk_queries] for i in range(0, len(queries), config.chunk_queries)]
+    chunks = [queries.slice(i, config.chunk_queries) for i in range(0, queries.height, config.chunk_queries)]
     started, sampled, kept = time.perf_counter(), 0, 0
     for n, chunk in enumerate(tqdm(chunks, desc="synthesise targets", disable=None)):
         part = stage / f"part-{n:05d}.parquet"
         if part.exists():
             continue  # done by an earlier, interrupted run
-        texts = chunk["query"].tolist()
+        texts = chunk["query"].to_list()
         completions = generate_fanouts(model, tokenizer, texts, k, config.samples_per_query, config.temperature,
                                        config.max_new_tokens, config.batch_size, config.seed + n)
         rows = _score_chunk(scorer, chunk, completions, config, folm_checkpoint, k, regime)
@@ -104,11 +104,11 @@ def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pd.DataF
                                          "fanouts_per_second": sampled / max(seconds, 1e-9)}
 
 
-def _score_chunk(scorer: FanoutScorer, chunk: pd.DataFrame, completions: list[list[str]], config: SynthConfig,
+def _score_chunk(scorer: FanoutScorer, chunk: pl.DataFrame, completions: list[list[str]], config: SynthConfig,
                  folm_checkpoint: str, k: int, regime: str) -> list[dict]:
-    references = chunk["reference_ids"].tolist() if regime == "wscr" else [None] * len(chunk)
+    references = chunk["reference_ids"].to_list() if regime == "wscr" else [None] * chunk.height
     flat_q, flat_sub, flat_ref, owner, sample = [], [], [], [], []
-    for i, (query, group, ref) in enumerate(zip(chunk["query"], completions, references)):
+    for i, (query, group, ref) in enumerate(zip(chunk["query"].to_list(), completions, references)):
         for s, text in enumerate(group):
             subqueries = list(parse_fanout(text, k).subqueries)
             if subqueries and len(subqueries) >= config.min_subqueries_fraction * k:
@@ -122,7 +122,7 @@ def _score_chunk(scorer: FanoutScorer, chunk: pd.DataFrame, completions: list[li
     terms = scorer.score_subqueries(flat_q, flat_sub, flat_ref if regime == "wscr" else None)
     totals = np.array([t["total"] for t in terms])
     keep = []
-    for i in range(len(chunk)):
+    for i in range(chunk.height):
         mine = [j for j in range(len(owner)) if owner[j] == i]
         if config.keep == "top_fraction":
             n_keep = max(1, int(round(config.keep_fraction * config.samples_per_query)))
@@ -130,7 +130,7 @@ def _score_chunk(scorer: FanoutScorer, chunk: pd.DataFrame, completions: list[li
         if config.reward_threshold is not None:
             mine = [j for j in mine if totals[j] >= config.reward_threshold]
         keep += mine
-    query_vectors = scorer.embed_texts(chunk["query"].tolist())
+    query_ids, query_vectors = chunk["query_id"].to_list(), scorer.embed_texts(chunk["query"].to_list())
     rows = []
     for j in keep:
         sub_vectors = scorer.embed_texts(flat_sub[j][:k])
@@ -138,14 +138,14 @@ def _score_chunk(scorer: FanoutScorer, chunk: pd.DataFrame, completions: list[li
             _, top1 = scorer.index.search(sub_vectors, 1)
             sub_vectors = scorer.index.vectors[top1[:, 0]]
         term_columns = {f"reward_{name}": float(v) for name, v in terms[j].items() if name != "total"}
-        rows.append({"query_id": chunk["query_id"].iloc[owner[j]], "query": flat_q[j], "sample_index": sample[j],
+        rows.append({"query_id": query_ids[owner[j]], "query": flat_q[j], "sample_index": sample[j],
                      "subqueries": flat_sub[j][:k], "reward_total": float(totals[j]), **term_columns,
                      "folm_checkpoint": folm_checkpoint, "query_embedding": query_vectors[owner[j]],
                      "targets": _cycle_rows(sub_vectors, k)})
     return rows
 
 
-def load_targets(path: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def load_targets(path: Path) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
     """(targets (N, K, d), query embeddings (N, d), the other columns)."""
     files = sorted(Path(path).glob("part-*.parquet"))
     if not files:
@@ -156,14 +156,14 @@ def load_targets(path: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     dim = targets_col.type.value_type.list_size
     targets = targets_col.flatten().flatten().to_numpy().reshape(len(table), k, dim)
     queries = table.column("query_embedding").combine_chunks().flatten().to_numpy().reshape(len(table), dim)
-    frame = table.drop_columns(["targets", "query_embedding"]).to_pandas()
+    frame = pl.from_arrow(table.drop_columns(["targets", "query_embedding"]))
     return targets.astype(np.float32), queries.astype(np.float32), frame
 
 
 def summarize_targets(path: Path) -> dict:
     targets, _, frame = load_targets(path)
     totals = frame["reward_total"]
-    return {"rows": len(frame), "queries": int(frame["query_id"].nunique()), "k": targets.shape[1],
+    return {"rows": frame.height, "queries": int(frame["query_id"].n_unique()), "k": targets.shape[1],
             "dim": targets.shape[2], "sigma_data": float(targets.std()),
             "reward_mean": float(totals.mean()), "reward_p10": float(totals.quantile(0.1)),
             "reward_p90": float(totals.quantile(0.9))}

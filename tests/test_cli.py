@@ -8,7 +8,7 @@ from r4t_pipeline.cli import main
 @pytest.fixture
 def smoke_config(smoke, tmp_path, monkeypatch):
     config = tmp_path / "deploy.yaml"
-    config.write_text(f"profile: smoke\nwork_dir: {smoke.root}\ndomains: [polyvore]\n")
+    config.write_text(f"profile: smoke\nwork_dir: {smoke.root}\ncatalogs: {{polyvore: {{builtin: polyvore}}}}\n")
     monkeypatch.setenv("R4T_CONFIG", str(config))
     monkeypatch.delenv("R4T_PROFILE", raising=False)
     return config
@@ -28,17 +28,42 @@ def test_retrieve_json(smoke_config, capsys):
     assert len(payload["directions"][0]["items"]) == 5 and payload["merged"]
 
 
-def test_bad_arguments_get_one_line_errors(smoke_config, capsys, tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="the query is empty"):
-        main(["retrieve", " "])
-    with pytest.raises(SystemExit):
-        main(["retrieve", "x", "--domain", "shoes"])
-    assert "invalid choice: 'shoes'" in capsys.readouterr().err
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Runs the CLI on bad input: a non-zero exit, and exactly one line on stderr (no traceback)."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse refuses options at parse time
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["retrieve", " "], "r4t retrieve: the query is empty"),
+    (["retrieve", "x", "--domain", "shoes"], "unknown catalog 'shoes'; declared: polyvore"),
+    (["retrieve", "x", "--per-direction", "0"], "expected a positive integer, got 0"),
+    (["bench", "--batch-sizes", "0"], "argument --batch-sizes: expected a positive integer, got 0"),
+    (["bench", "--batch-sizes", "abc"], "argument --batch-sizes: expected a positive integer, got 'abc'"),
+    (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
+    (["bench", "--methods", "magic"], "--methods: unknown method(s) ['magic']"),
+])
+def test_bad_arguments_get_one_line_errors(smoke_config, capsys, argv, message):
+    assert message in one_line_error(capsys, argv)
+
+
+def test_missing_artefacts_and_configuration_get_one_line_errors(smoke_config, capsys, tmp_path, monkeypatch):
     empty = tmp_path / "empty.yaml"
     empty.write_text(f"profile: smoke\nwork_dir: {tmp_path / 'nothing'}\n")
     monkeypatch.setenv("R4T_CONFIG", str(empty))
-    with pytest.raises(SystemExit, match="no FAISS index at .* materialise the embedding_index asset"):
-        main(["retrieve", "x", "--method", "diffusion"])
+    line = one_line_error(capsys, ["retrieve", "x", "--method", "diffusion"])
+    assert "polyvore/catalog has not been materialised" in line and "dagster asset materialize" in line
+    assert "has not been materialised" in one_line_error(capsys, ["bench"])
+    monkeypatch.setenv("R4T_CONFIG", str(tmp_path / "typo.yaml"))
+    assert "typo.yaml: no such configuration file" in one_line_error(capsys, ["retrieve", "x"])
+    empty.write_text("profile: smoke\nindex: {kind: [\n")
+    monkeypatch.setenv("R4T_CONFIG", str(empty))
+    assert "empty.yaml: malformed YAML at line" in one_line_error(capsys, ["retrieve", "x"])
 
 
 def test_bench_writes_json_with_medians_and_ratios(smoke_config, tmp_path, capsys):

@@ -25,30 +25,30 @@ def test_whole_graph_materialises_and_checks_pass(smoke):
 
 
 def test_foundation_outputs_are_consistent(smoke):
-    settings = smoke.settings
-    catalog = Catalog.load(settings.artefact("polyvore", "catalog"))
-    emb = CatalogEmbeddings.load(settings.artefact("polyvore", "embeddings"))
-    index = VectorIndex.load(settings.artefact("polyvore", "index", "collections"))
-    assert len(catalog.collections) == 60 == len(index)
-    assert list(emb.item_ids) == catalog.items["item_id"].tolist() and emb.items.shape[1] == 128
+    catalog = Catalog.load(smoke.path("polyvore/catalog"))
+    emb = CatalogEmbeddings.load(smoke.path("polyvore/item_embeddings"))
+    index = VectorIndex.load(smoke.records.read("polyvore/embedding_index").collections_path)
+    assert catalog.collections.height == 60 == len(index)
+    assert list(emb.item_ids) == catalog.items["item_id"].to_list() and emb.items.shape[1] == 128
     _, found = index.search(emb.collections[:5], 1)  # a collection's own vector retrieves it first
     assert list(index.ids[found[:, 0]]) == list(emb.collection_ids[:5])
-    wscr = q.load_corpus(settings.artefact("polyvore", "broad_queries"), "wscr")
-    assert {i for ids in wscr["reference_ids"] for i in ids} <= set(catalog.items["item_id"])
+    wscr = q.load_corpus(smoke.path("polyvore/broad_queries"), "wscr")
+    assert set(wscr["reference_ids"].explode().to_list()) <= set(catalog.items["item_id"].to_list())
     assert np.isfinite(emb.items).all()
 
 
 def test_stage_artefacts_chain_together(smoke):
     settings = smoke.settings
     for regime in ("oar", "wscr"):
-        targets, conditions, frame = load_targets(settings.artefact("polyvore", regime, "synthetic_targets"))
-        assert targets.shape[1:] == (settings.rewards.k, 128) and len(conditions) == len(frame) > 0
-        assert frame["folm_checkpoint"].str.contains(f"polyvore/{regime}/folm").all()
-        metrics = json.loads((settings.artefact("polyvore", regime, "evaluation") / "metrics.json").read_text())
+        targets, conditions, frame = load_targets(smoke.path(f"polyvore/{regime}/synthetic_targets"))
+        assert targets.shape[1:] == (settings.rewards.k, 128) and len(conditions) == frame.height > 0
+        folm = smoke.records.read(f"polyvore/{regime}/folm_checkpoint")
+        assert (frame["folm_checkpoint"] == f"{folm.asset}@{folm.version}").all()
+        metrics = json.loads((smoke.path(f"polyvore/{regime}/evaluation") / "metrics.json").read_text())
         assert set(metrics["metrics"]) == {"no_fanout", "zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion"}
         assert set(metrics["validation_reward"]) == set(metrics["metrics"])
         assert all(-2 < r["total"] < 1.01 for r in metrics["validation_reward"].values())
-    report = (settings.artefact("evaluation", "report") / "report.md").read_text()
+    report = (smoke.path("evaluation_report") / "report.md").read_text()
     assert "## polyvore · OAR" in report and "## polyvore · WSCR" in report and "Fan-out latency" in report
 
 

@@ -33,17 +33,16 @@ def test_mean_and_bootstrap_error():
 
 
 def test_report_renders_both_tables_in_method_order(smoke):
-    settings = smoke.settings
-    evaluations = [json.loads((settings.artefact("polyvore", r, "evaluation") / "metrics.json").read_text())
+    evaluations = [json.loads((smoke.path(f"polyvore/{r}/evaluation") / "metrics.json").read_text())
                    for r in ("oar", "wscr")]
     oar_table = metrics_table(evaluations[0]).splitlines()
     assert oar_table[0] == "| method | diversity | alignment | groundedness | average |"
     assert [row.split("|")[1].strip() for row in oar_table[2:]] == [
         "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion"]
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
-    page = render_html(render_markdown(evaluations, None), {"figure": "iVBORw0KGgo="})
+    page = render_html(render_markdown(evaluations, []), {"figure": "iVBORw0KGgo="})
     assert page.count("<table>") == 4 and "src='data:image/png;base64," in page and "http" not in page
-    html_file = settings.artefact("evaluation", "report") / "report.html"
+    html_file = smoke.path("evaluation_report") / "report.html"
     assert html_file.read_text().count("<img") == 2
 
 

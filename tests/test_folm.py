@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -231,13 +232,15 @@ def test_an_llm_names_untitled_sets_and_the_corpus_falls_back_to_keywords(smoke,
     """The WSCR query writer runs a real (bootstrap) causal LM; unusable output falls back to keywords."""
     from r4t_pipeline import queries as q
     from r4t_pipeline.folm.describe import collection_query_writer
-    from r4t_pipeline.stack import base_model_path
+    from r4t_pipeline.paths import assets_dir
+    from r4t_pipeline.stack import base_model
 
-    writer = collection_query_writer(base_model_path(smoke.settings, "polyvore"))
+    writer = collection_query_writer(base_model(smoke.path("polyvore/folm_base")))
     named = writer(["red lace midi dress (Day Dresses)", "black ankle boots (Ankle Boots)"])
     assert isinstance(named, str) and "\n" not in named
     untitled = polyvore_catalog.subsample(200, seed=3)
-    untitled.collections["title"] = ""
-    pairs = q.build_wscr_queries(untitled, q.Facets.load("polyvore"), seed=0, max_pairs=5, query_writer=writer)
-    assert len(pairs) == 5 and set(pairs["source"]) <= {"llm", "keywords"}
-    assert (pairs["query"].str.len() > 0).all()
+    untitled.collections = untitled.collections.with_columns(title=pl.lit(""))
+    facets = q.Facets.load(assets_dir() / "facets" / "polyvore.yaml")
+    pairs = q.build_wscr_queries(untitled, facets, seed=0, max_pairs=5, query_writer=writer)
+    assert pairs.height == 5 and set(pairs["source"]) <= {"llm", "keywords"}
+    assert (pairs["query"].str.len_chars() > 0).all()

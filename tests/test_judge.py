@@ -60,11 +60,14 @@ def test_judge_errors_name_the_endpoint(endpoint):
 def test_oar_evaluation_adds_judge_scores_when_configured(endpoint, smoke):
     from r4t_pipeline.evaluation import run_evaluation
     from r4t_pipeline.report import metrics_table
+    from r4t_pipeline.stack import latest_artefacts
 
     url, seen, _ = endpoint
     evaluation = smoke.settings.evaluation.model_copy(update={"llm_judge_url": url, "llm_judge_model": "m"})
     settings = smoke.settings.model_copy(update={"evaluation": evaluation})
-    result = run_evaluation(settings, "polyvore", "oar", methods=("no_fanout", "r4t_diffusion"))
+    records, artefacts = latest_artefacts(settings, "polyvore", "oar", ["no_fanout", "r4t_diffusion"])
+    result = run_evaluation(settings, "oar", records["catalog"].path, records["broad_queries"].path, artefacts,
+                            methods=("no_fanout", "r4t_diffusion"))
     for method in ("no_fanout", "r4t_diffusion"):
         assert result["metrics"][method]["judge_groundedness"] == (80.0, 0.0)
     assert len(seen) == 2 * result["queries"]  # one judge call per query and method

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -20,14 +19,13 @@ import pytest
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.data_version import DATA_VERSION_TAG, CachingStaleStatusResolver, StaleStatus
 
+from r4t_pipeline.catalogs import BUILTINS, catalog_registry
 from r4t_pipeline.defs import build_definitions
-from r4t_pipeline.defs.foundation import source_fingerprint
 from r4t_pipeline.defs.schedules import RETRAINING_CRON, SCHEDULE_NAME
 from r4t_pipeline.defs.sensors import SENSOR_NAME
 from r4t_pipeline.io import file_sha256
+from r4t_pipeline.records import RecordStore
 from r4t_pipeline.settings import Settings, deep_merge, load_settings
-from r4t_pipeline.stack import source_files
-from r4t_pipeline.synth import load_targets
 
 SOURCE, CATALOG = "polyvore/catalog_source", "polyvore/catalog"
 FOUNDATION = {CATALOG, "polyvore/item_embeddings", "polyvore/embedding_index", "polyvore/broad_queries",
@@ -36,7 +34,7 @@ TRAINING = ["polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets", "p
 REPORTING = {"polyvore/oar/evaluation", "latency_benchmark", "evaluation_report"}
 LONG_ASSETS = ["polyvore/folm_base", *TRAINING]
 REWARD_CHANGE = {"rewards": {"overrides": {"oar": {"w_diversity": 0.3}}}}
-TINY = {"domains": ["polyvore"], "regimes": ["oar"],
+TINY = {"catalogs": {"polyvore": {"builtin": "polyvore"}}, "regimes": ["oar"],
         "folm": {"bootstrap_sft_steps": 2,
                  "bootstrap_size": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                     "num_layers": 1},
@@ -52,7 +50,7 @@ def key(name: str) -> dg.AssetKey:
 def copy_sources(data_dir: Path, source: Path, domain: str = "polyvore") -> Path:
     """A writable copy of the domain's source files (the shared data directory is read-only)."""
     (data_dir / domain).mkdir(parents=True, exist_ok=True)
-    for spec in source_files(domain):
+    for spec in BUILTINS[domain][1]:
         shutil.copyfile(source / domain / spec.name, data_dir / domain / spec.name)
     return data_dir
 
@@ -110,8 +108,7 @@ class Pipeline:
     overrides: dict
 
     def settings(self, changes: dict | None = None) -> Settings:
-        return load_settings("smoke", config_path=self.root / "none.yaml",
-                             overrides=deep_merge(self.overrides, changes or {}))
+        return load_settings("smoke", config_path=os.devnull, overrides=deep_merge(self.overrides, changes or {}))
 
     def defs(self, changes: dict | None = None) -> dg.Definitions:
         return build_definitions(self.settings(changes))
@@ -141,24 +138,20 @@ def reward_change(pipeline):
     fresh_before = stale_assets(pipeline.instance, pipeline.defs())
     reported, stale = stale_assets(pipeline.instance, defs)
     before = latest_runs(pipeline.instance, FOUNDATION | set(TRAINING))
-    targets_before = targets_digest(pipeline.settings())
     result = materialise(defs, pipeline.instance, [key(name) for name in stale])
     return {"defs": defs, "fresh_before": fresh_before, "reported": reported, "stale": stale, "before": before,
             "result": result, "after": latest_runs(pipeline.instance, FOUNDATION | set(TRAINING)),
-            "stale_after": stale_assets(pipeline.instance, defs),
-            "targets_changed": targets_digest(pipeline.settings()) != targets_before}
+            "stale_after": stale_assets(pipeline.instance, defs)}
 
 
-def targets_digest(settings) -> str:
-    targets, conditions, _ = load_targets(settings.artefact("polyvore", "oar", "synthetic_targets"))
-    return hashlib.sha256(targets.tobytes() + conditions.tobytes()).hexdigest()
+def source_fingerprint(settings, name: str) -> str:
+    return catalog_registry(settings)[name].source.data_version()
 
 
 @pytest.fixture(scope="module")
 def smoke_defs(tmp_path_factory) -> dg.Definitions:
     root = tmp_path_factory.mktemp("smoke-defs")
-    return build_definitions(load_settings("smoke", config_path=root / "none.yaml",
-                                           overrides={"work_dir": str(root)}))
+    return build_definitions(load_settings("smoke", config_path=os.devnull, overrides={"work_dir": str(root)}))
 
 
 # ---- 1. lineage and staleness ------------------------------------------------------------------------------
@@ -177,7 +170,7 @@ CODE_VERSION_CASES = {
 
 
 def code_versions(tmp_path: Path, changes: dict) -> dict[str, str | None]:
-    settings = load_settings("smoke", config_path=tmp_path / "none.yaml",
+    settings = load_settings("smoke", config_path=os.devnull,
                              overrides=deep_merge({**TINY, "work_dir": str(tmp_path)}, changes))
     graph = build_definitions(settings).resolve_asset_graph()
     return {k.to_user_string(): graph.get(k).code_version for k in graph.materializable_asset_keys}
@@ -210,10 +203,9 @@ def test_rematerialising_after_a_reward_change_trains_anew(reward_change):
     meta = {m.asset_key.to_user_string(): m.materialization.metadata
             for m in reward_change["result"].get_asset_materialization_events()}
     assert meta["polyvore/oar/folm_checkpoint"]["resumed_from_step"].value == 0
-    # the diffusion model is content-addressed: it retrains on new targets and is reused only for identical ones
-    # (a one-step tiny FOLM can sample the very same fan-outs after the change)
-    expected_steps = TINY["diffusion"]["train"]["steps"] if reward_change["targets_changed"] else 0
-    assert meta["polyvore/oar/diffusion_checkpoint"]["steps_run"].value == expected_steps
+    # new targets (a new version, even when a one-step tiny FOLM samples the very same fan-outs) train a new model
+    assert meta["polyvore/oar/diffusion_checkpoint"]["steps_run"].value == TINY["diffusion"]["train"]["steps"]
+    assert not any(m["reused"].value for m in meta.values())
 
 
 def test_a_catalog_source_change_marks_everything_downstream_of_the_catalog_stale(pipeline, reward_change):
@@ -231,7 +223,7 @@ def test_a_catalog_source_change_marks_everything_downstream_of_the_catalog_stal
 
 def test_catalog_sensor_requests_the_catalog_and_its_downstream_when_the_source_content_changes(tmp_path, data_dir):
     sources = copy_sources(tmp_path / "data", data_dir)
-    settings = load_settings("smoke", config_path=tmp_path / "none.yaml",
+    settings = load_settings("smoke", config_path=os.devnull,
                              overrides={**TINY, "work_dir": str(tmp_path), "catalog": {"data_dir": str(sources)}})
     defs = build_definitions(settings)
     sensor = defs.get_sensor_def(SENSOR_NAME)
@@ -263,7 +255,7 @@ def test_catalog_sensor_requests_the_catalog_and_its_downstream_when_the_source_
     assert tick(changed.cursor).skip_message == "catalog sources unchanged"
 
     path.unlink()
-    assert tick(changed.cursor).skip_message == "source files missing for polyvore"
+    assert tick(changed.cursor).skip_message == "catalog sources unavailable: polyvore"
 
 
 def test_weekly_retraining_schedule_requests_every_folm_and_its_downstream(smoke_defs):
@@ -294,8 +286,9 @@ def test_a_failed_run_keeps_the_previous_catalog_and_marks_its_mlflow_run_failed
     broken = corrupt / "polyvore" / "valid_no_dup.json.gz"
     broken.write_bytes(broken.read_bytes()[:4096])  # a download cut short
     settings = pipeline.settings({"catalog": {"data_dir": str(corrupt)}})
-    folder = settings.artefact("polyvore", "catalog")
-    files_before = {p.name: file_sha256(p) for p in folder.iterdir()}
+    record = RecordStore(settings.records_dir).file(CATALOG)
+    folder = settings.root / CATALOG
+    files_before = {p: file_sha256(p) for p in [record, *folder.rglob("*")] if p.is_file()}
     previous = latest_runs(pipeline.instance, FOUNDATION)
 
     defs = build_definitions(settings)
@@ -309,7 +302,7 @@ def test_a_failed_run_keeps_the_previous_catalog_and_marks_its_mlflow_run_failed
     assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"polyvore__catalog"}
     assert result.get_asset_materialization_events() == []  # its downstream steps never started
 
-    assert {p.name: file_sha256(p) for p in folder.iterdir()} == files_before
+    assert {p: file_sha256(p) for p in [record, *folder.rglob("*")] if p.is_file()} == files_before
     assert latest_runs(pipeline.instance, FOUNDATION) == previous  # earlier materialisations intact
     client = MlflowClient(settings.tracking_uri)
     experiment = client.get_experiment_by_name(f"r4t-{settings.profile}")

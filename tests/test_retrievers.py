@@ -6,9 +6,14 @@ import pytest
 from r4t_pipeline import stack
 
 
+def _retriever(smoke, regime: str, method: str):
+    _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", regime, [method])
+    return stack.build_retriever(smoke.settings, regime, method, artefacts)
+
+
 @pytest.mark.parametrize("method", stack.METHODS)
 def test_every_method_returns_directions_candidates_and_a_merged_set(smoke, method):
-    retriever = stack.build_retriever(smoke.settings, "polyvore", "wscr", method)
+    retriever = _retriever(smoke, "wscr", method)
     first_item = str(retriever.index.ids[0])
     batch = retriever.retrieve(["bohemian festival style", "office essentials"], pool_size=40, seed=1,
                                reference_ids=[[first_item], [first_item]])
@@ -28,7 +33,7 @@ def test_every_method_returns_directions_candidates_and_a_merged_set(smoke, meth
 
 
 def test_same_seed_same_diffusion_fanout(smoke):
-    retriever = stack.build_retriever(smoke.settings, "polyvore", "oar", "r4t_diffusion")
+    retriever = _retriever(smoke, "oar", "r4t_diffusion")
     a = retriever.retrieve(["summer vacation vibes"], 10, seed=3).fanouts[0]
     b = retriever.retrieve(["summer vacation vibes"], 10, seed=3).fanouts[0]
     c = retriever.retrieve(["summer vacation vibes"], 10, seed=4).fanouts[0]
@@ -37,8 +42,9 @@ def test_same_seed_same_diffusion_fanout(smoke):
 
 
 def test_bad_requests_are_refused_clearly(smoke):
+    _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "oar", [])
     with pytest.raises(ValueError, match="unknown method 'magic'"):
-        stack.build_retriever(smoke.settings, "polyvore", "oar", "magic")
-    retriever = stack.build_retriever(smoke.settings, "polyvore", "oar", "no_fanout")
+        stack.build_retriever(smoke.settings, "oar", "magic", artefacts)
+    retriever = _retriever(smoke, "oar", "no_fanout")
     with pytest.raises(ValueError, match="non-empty"):
         retriever.retrieve(["  "], 10)

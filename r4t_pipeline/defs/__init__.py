@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
+from r4t_pipeline.catalogs import catalog_registry
 from r4t_pipeline.defs.checks import foundation_checks
 from r4t_pipeline.defs.evaluation import evaluation_asset, report_assets
 from r4t_pipeline.defs.foundation import foundation_assets
-from r4t_pipeline.defs.resources import MlflowTracking
+from r4t_pipeline.defs.resources import MlflowTracking, RecordIOManager
 from r4t_pipeline.defs.schedules import retraining_schedule
 from r4t_pipeline.defs.sensors import catalog_source_sensor
 from r4t_pipeline.defs.stages import folm_base_asset, stage_assets
@@ -15,22 +16,24 @@ from r4t_pipeline.settings import Settings
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
+    entries = catalog_registry(settings)
     assets, checks = [], []
-    for domain in settings.domains:
-        assets += foundation_assets(settings, domain)
-        checks += foundation_checks(domain)
-        assets.append(folm_base_asset(settings, domain))
+    for name, entry in entries.items():
+        assets += foundation_assets(settings, entry)
+        checks += foundation_checks(name)
+        assets.append(folm_base_asset(settings, name))
         for regime in settings.regimes:
-            assets += stage_assets(settings, domain, regime)
-            assets.append(evaluation_asset(settings, domain, regime))
-    assets += report_assets(settings)
+            assets += stage_assets(settings, name, regime)
+            assets.append(evaluation_asset(settings, name, regime))
+    assets += report_assets(settings, list(entries))
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        sensors=[catalog_source_sensor(settings, assets)],
-        schedules=[retraining_schedule(settings, assets)],
+        sensors=[catalog_source_sensor(entries, assets)],
+        schedules=[retraining_schedule(list(entries), settings.regimes, assets)],
         # one step at a time: training steps use every core, and the loaded encoder is reused across steps
         executor=dg.in_process_executor,
         resources={"mlflow": MlflowTracking(tracking_uri=settings.tracking_uri, experiment=f"r4t-{settings.profile}",
-                                            artifact_location=settings.mlflow_artifact_location)},
+                                            artifact_location=settings.mlflow_artifact_location),
+                   "io_manager": RecordIOManager(root=str(settings.records_dir))},
     )

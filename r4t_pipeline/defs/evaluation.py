@@ -1,105 +1,132 @@
-"""Evaluation assets: the five methods side by side per domain and regime, the fan-out latency
-benchmark, and the report that a user reads to decide whether R4T is worth deploying."""
+"""Evaluation assets: the methods side by side per catalog and regime, the fan-out latency benchmark of every
+catalog, and the report that a user reads to decide whether R4T is worth deploying."""
 
 import json
 from pathlib import Path
 
 import dagster as dg
 
-from r4t_pipeline import stack
-from r4t_pipeline.bench import run_benchmark
-from r4t_pipeline.defs.artefacts import Artefact
-from r4t_pipeline.defs.foundation import version
+from r4t_pipeline.bench import format_table, run_benchmark
+from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.evaluation import run_evaluation
-from r4t_pipeline.io import atomic_dir, write_json
-from r4t_pipeline.report import (
-    latency_figure,
-    metrics_table,
-    render_html,
-    render_markdown,
-    reward_figure,
-    reward_table,
-)
+from r4t_pipeline.records import FileRecord, IndexRecord, ModelRecord, Record
+from r4t_pipeline.report import latency_figure, metrics_table, render_html, render_markdown, reward_figure, reward_table
 from r4t_pipeline.settings import Settings
+from r4t_pipeline.stack import RetrieverArtefacts, base_model
+
+METRICS_FILE, LATENCY_FILE = "metrics.json", "latency.json"
 
 
-def evaluation_asset(settings: Settings, domain: str, regime: str):
-    prefix = [domain, regime]
+def retriever_artefacts(regime: str, index: IndexRecord, folm_base: ModelRecord, folm: ModelRecord,
+                        diffusion: ModelRecord) -> RetrieverArtefacts:
+    return RetrieverArtefacts(index=index.for_regime(regime), base_folm=base_model(folm_base.path),
+                              folm=folm.model, diffusion=diffusion.model)
+
+
+def _stage_ins(name: str, regime: str, prefix: str = "") -> dict[str, dg.AssetIn]:
+    return {f"{prefix}folm_base": dg.AssetIn(key=[name, "folm_base"]),
+            f"{prefix}folm": dg.AssetIn(key=[name, regime, "folm_checkpoint"]),
+            f"{prefix}diffusion": dg.AssetIn(key=[name, regime, "diffusion_checkpoint"]),
+            f"{prefix}broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
+            f"{prefix}embedding_index": dg.AssetIn(key=[name, "embedding_index"])}
+
+
+def evaluation_asset(settings: Settings, name: str, regime: str):
+    prefix = [name, regime]
 
     @dg.asset(key=[*prefix, "evaluation"], group_name="evaluation", kinds={"json"},
-              ins={"folm_base": dg.AssetIn(key=[domain, "folm_base"]),
-                   "folm": dg.AssetIn(key=[*prefix, "folm_checkpoint"]),
-                   "diffusion": dg.AssetIn(key=[*prefix, "diffusion_checkpoint"])},
-              deps=[[domain, "broad_queries"], [domain, "embedding_index"]],
-              code_version=version(settings.evaluation.version()),
-              description=f"No fan-out, zero-shot, Best-of-N, R4T-FOLM and R4T-Diffusion on the {domain} "
+              ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
+              code_version=code_version(settings.evaluation.version()),
+              description=f"No fan-out, zero-shot, Best-of-N, R4T-FOLM and R4T-Diffusion on the {name} "
                           f"{regime.upper()} test split.")
-    def evaluation(mlflow: MlflowTracking, folm_base: Artefact, folm: Artefact,
-                   diffusion: Artefact) -> dg.Output[Artefact]:
-        with mlflow.run(f"{domain}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
-            result = run_evaluation(settings, domain, regime)
-            run.log(0, {f"{method}/{name}": value[0] for method, values in result["metrics"].items()
-                        for name, value in values.items()})
-        path = stack.stage_dir(settings, domain, regime, "evaluation") / "metrics.json"
-        write_json(path, result)
-        return dg.Output(Artefact(domain=domain, path=str(path)),
-                         metadata={"table": dg.MetadataValue.md(metrics_table(result)),
-                                   "validation_reward": dg.MetadataValue.md(reward_table(result)),
-                                   "queries": result["queries"]})
+    @retry_transient
+    def evaluation(context: dg.AssetExecutionContext, mlflow: MlflowTracking, **inputs: Record
+                   ) -> dg.Output[FileRecord]:
+        production = Production(context, settings, inputs)
+        if reused := production.reuse():
+            return reused
+        artefacts = retriever_artefacts(regime, inputs["embedding_index"], inputs["folm_base"], inputs["folm"],
+                                        inputs["diffusion"])
+        with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
+            result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts)
+            run.log(0, {f"{method}/{metric}": value[0] for method, values in result["metrics"].items()
+                        for metric, value in values.items()})
+        write_result(production, METRICS_FILE, result)
+        metadata = {"queries": result["queries"], "query_sources": result["query_sources"]}
+        if result.get("skipped"):
+            metadata["skipped"] = result["skipped"]
+        else:
+            metadata |= {"table": dg.MetadataValue.md(metrics_table(result)),
+                         "validation_reward": dg.MetadataValue.md(reward_table(result))}
+        return production.output(production.record(FileRecord), metadata)
 
     return evaluation
 
 
-def report_assets(settings: Settings) -> list:
-    domain, regime = settings.domains[0], settings.regimes[0]
-    cfg = settings.evaluation
-    evaluations = [[d, r, "evaluation"] for d in settings.domains for r in settings.regimes]
+def report_assets(settings: Settings, names: list[str]) -> list:
+    cfg, regime = settings.evaluation, settings.regimes[0]
+    evaluations = [[n, r, "evaluation"] for n in names for r in settings.regimes]
+    folms = [[n, r, "folm_checkpoint"] for n in names for r in settings.regimes]
 
     @dg.asset(key=["latency_benchmark"], group_name="evaluation", kinds={"json"},
-              ins={"diffusion": dg.AssetIn(key=[domain, regime, "diffusion_checkpoint"]),
-                   "folm": dg.AssetIn(key=[domain, regime, "folm_checkpoint"])},
-              code_version=version(cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds),
-              description="Fan-out latency per batch size for every method on this machine (median over repeats).")
-    def latency_benchmark(diffusion: Artefact, folm: Artefact) -> dg.Output[Artefact]:
-        from r4t_pipeline.bench import format_table
-
-        report = run_benchmark(settings, domain, regime, cfg.latency_batch_sizes, cfg.latency_repeats,
-                               cfg.latency_budget_seconds)
-        path = settings.artefact("evaluation", "latency.json")
-        write_json(path, report)
-        return dg.Output(Artefact(domain=domain, path=str(path)), metadata={
-            "table": dg.MetadataValue.md(format_table(report["results"], cfg.latency_batch_sizes)),
-            "device": report["machine"]["device"]})
+              ins={k: v for n in names for k, v in _stage_ins(n, regime, prefix=f"{n}__").items()},
+              code_version=code_version(cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds),
+              description=f"Fan-out latency per batch size of every method on this machine, per catalog "
+                          f"({regime.upper()}; median over repeats).")
+    @retry_transient
+    def latency_benchmark(context: dg.AssetExecutionContext, **inputs: Record) -> dg.Output[FileRecord]:
+        production = Production(context, settings, inputs)
+        if reused := production.reuse():
+            return reused
+        reports = []
+        for n in names:
+            mine = {k.removeprefix(f"{n}__"): v for k, v in inputs.items() if k.startswith(f"{n}__")}
+            artefacts = retriever_artefacts(regime, mine["embedding_index"], mine["folm_base"], mine["folm"],
+                                            mine["diffusion"])
+            reports.append(run_benchmark(settings, n, regime, mine["broad_queries"].path, artefacts,
+                                         cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds))
+        write_result(production, LATENCY_FILE, {"benchmarks": reports})
+        return production.output(production.record(FileRecord), {
+            **{f"{r['catalog']}_table": dg.MetadataValue.md(format_table(r["results"], cfg.latency_batch_sizes))
+               for r in reports}, "device": reports[0]["machine"]["device"]})
 
     @dg.asset(key=["evaluation_report"], group_name="evaluation", kinds={"html"},
               ins={"latency": dg.AssetIn(key=latency_benchmark.key),
-                   **{"_".join(key[:2]): dg.AssetIn(key=key) for key in evaluations}},
-              code_version=version("report"),
-              description="Markdown + self-contained HTML: tables per domain and regime, latency figure, RL reward "
+                   **{"__".join(key[:2]): dg.AssetIn(key=key) for key in evaluations},
+                   **{"__".join(key[:2]) + "__folm": dg.AssetIn(key=key) for key in folms}},
+              code_version=code_version("report"),
+              description="Markdown + self-contained HTML: tables per catalog and regime, latency figure, RL reward "
                           "curves and qualitative examples.")
-    def evaluation_report(mlflow: MlflowTracking, latency: Artefact, **evaluated: Artefact) -> dg.Output[Artefact]:
-        results = [json.loads(Path(a.path).read_text()) for a in evaluated.values()]
-        benchmark = json.loads(Path(latency.path).read_text())
-        curves = {f"{d}/{r}": _folm_history(settings, d, r) for d in settings.domains for r in settings.regimes}
-        markdown = render_markdown(results, benchmark)
-        figures = {"Fan-out latency vs batch size": latency_figure(benchmark),
-                   "RL training reward": reward_figure({k: v for k, v in curves.items() if v})}
-        out = settings.artefact("evaluation", "report")
-        with atomic_dir(out) as tmp:
+    @retry_transient
+    def evaluation_report(context: dg.AssetExecutionContext, mlflow: MlflowTracking, latency: FileRecord,
+                          **inputs: Record) -> dg.Output[FileRecord]:
+        production = Production(context, settings, {"latency": latency, **inputs})
+        if reused := production.reuse():
+            return reused
+        results = [json.loads((Path(r.path) / METRICS_FILE).read_text())
+                   for k, r in inputs.items() if not k.endswith("__folm")]
+        benchmarks = json.loads((Path(latency.path) / LATENCY_FILE).read_text())["benchmarks"]
+        curves = {k.removesuffix("__folm").replace("__", "/"): _folm_history(r.model)
+                  for k, r in inputs.items() if k.endswith("__folm")}
+        markdown = render_markdown(results, benchmarks)
+        figures = {f"Fan-out latency vs batch size ({b['catalog']})": latency_figure(b) for b in benchmarks}
+        figures["RL training reward"] = reward_figure({k: v for k, v in curves.items() if v})
+        with production.writing() as tmp:
             (tmp / "report.md").write_text(markdown)
             (tmp / "report.html").write_text(render_html(markdown, figures))
         with mlflow.run("evaluation_report") as run:
-            run.log_artifact(str(out / "report.md"))
-            run.log_artifact(str(out / "report.html"))
-        return dg.Output(Artefact(domain="all", path=str(out)), metadata={
-            "report": dg.MetadataValue.md(markdown), "html": dg.MetadataValue.path(str(out / "report.html"))})
+            run.log_artifact(str(production.path / "report.md"))
+            run.log_artifact(str(production.path / "report.html"))
+        html_path = str(production.path / "report.html")
+        return production.output(production.record(FileRecord), {
+            "report": dg.MetadataValue.md(markdown), "html": dg.MetadataValue.path(html_path)})
 
     return [latency_benchmark, evaluation_report]
 
 
-def _folm_history(settings: Settings, domain: str, regime: str) -> list[dict]:
+def _folm_history(model_dir: str) -> list[dict]:
     from r4t_pipeline.folm.grpo import META_FILE
 
-    meta = stack.stage_dir(settings, domain, regime, "folm") / META_FILE
+    meta = Path(model_dir) / META_FILE
     return json.loads(meta.read_text()).get("history", []) if meta.exists() else []

@@ -1,13 +1,20 @@
-"""Resources: MLflow tracking (a small client wrapper; dagster-mlflow's resource is op-centric)."""
+"""Resources: MLflow tracking (a small client wrapper; dagster-mlflow's resource is op-centric) and the IO
+manager that stores the records on the asset edges as JSON (Dagster's default pickles them, and whoever can
+write a pickle can run code in the next run)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 
 import dagster as dg
+
+from r4t_pipeline.io import process_alive
+from r4t_pipeline.records import Record, RecordStore
 
 
 class MlflowRun:
@@ -48,11 +55,49 @@ class MlflowTracking(dg.ConfigurableResource):
         experiment = client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment else \
             client.create_experiment(self.experiment, artifact_location=self.artifact_location)
-        run = client.create_run(experiment_id, run_name=name, tags=tags or {})
+        self.reap()
+        owner = {"r4t/host": socket.gethostname(), "r4t/pid": str(os.getpid())}  # lets a later run reap it
+        run = client.create_run(experiment_id, run_name=name, tags={**owner, **(tags or {})})
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in (params or {}).items()])
         try:
             yield MlflowRun(client, run.info.run_id)
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
+            client.set_terminated(run.info.run_id, "KILLED")
+            raise
         except BaseException:
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+
+    def reap(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this host whose process is gone (killed with no chance to say so)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return []
+        host = socket.gethostname().replace("'", "")
+        running = client.search_runs([experiment.experiment_id],
+                                     f"attributes.status = 'RUNNING' and tags.`r4t/host` = '{host}'")
+        reaped = [r.info.run_id for r in running if not process_alive(int(r.data.tags.get("r4t/pid", 0)))]
+        for run_id in reaped:
+            client.set_terminated(run_id, "KILLED")
+        return reaped
+
+
+class RecordIOManager(dg.ConfigurableIOManager):
+    """Each asset's latest record as `<root>/<asset key path>.json` (the CLI and the service read the same)."""
+
+    root: str
+
+    def handle_output(self, context: dg.OutputContext, obj: Record | None) -> None:
+        if obj is None:
+            return
+        expected = "/".join(context.asset_key.path)
+        if obj.asset != expected:
+            raise ValueError(f"asset {expected} returned the record of {obj.asset}")
+        RecordStore(self.root).write(obj)
+
+    def load_input(self, context: dg.InputContext) -> Record:
+        return RecordStore(self.root).read("/".join(context.asset_key.path))

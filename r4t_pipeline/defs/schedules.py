@@ -11,15 +11,13 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from r4t_pipeline.settings import Settings
-
 SCHEDULE_NAME = "weekly_retraining"
 RETRAINING_CRON = "0 3 * * 0"  # Sundays 03:00 UTC, when nobody waits for the machine
 
 
-def retraining_schedule(settings: Settings, assets: Sequence) -> dg.ScheduleDefinition:
+def retraining_schedule(catalogs: Sequence[str], regimes: Sequence[str], assets: Sequence) -> dg.ScheduleDefinition:
     """`assets`: every asset of the Definitions, to resolve what lies downstream of the FOLM checkpoints."""
-    checkpoints = [dg.AssetKey([d, r, "folm_checkpoint"]) for d in settings.domains for r in settings.regimes]
+    checkpoints = [dg.AssetKey([c, r, "folm_checkpoint"]) for c in catalogs for r in regimes]
     selection = dg.AssetSelection.assets(*checkpoints).downstream()
     keys = sorted(selection.resolve(assets))
 

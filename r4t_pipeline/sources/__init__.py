@@ -4,6 +4,4 @@ from r4t_pipeline.sources.djmix import load_djmix
 from r4t_pipeline.sources.files import DataFileMissing, resolve_data_dir
 from r4t_pipeline.sources.polyvore import load_polyvore
 
-LOADERS = {"polyvore": load_polyvore, "djmix": load_djmix}
-
-__all__ = ["LOADERS", "DataFileMissing", "load_djmix", "load_polyvore", "resolve_data_dir"]
+__all__ = ["DataFileMissing", "load_djmix", "load_polyvore", "resolve_data_dir"]

@@ -6,8 +6,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
-
 from r4t_pipeline.catalog import Catalog
 from r4t_pipeline.sources.files import SourceFile, ensure_files, expect, read_json
 
@@ -24,7 +22,7 @@ def clean_track_title(title: str) -> str:
     return _LABEL.sub("", _TIMESTAMP.sub("", title)).strip()
 
 
-def load_djmix(data_dir: Path, allow_download: bool = True) -> Catalog:
+def load_djmix(data_dir: Path, allow_download: bool = True, name: str = "djmix") -> Catalog:
     path = ensure_files(data_dir, FILES, allow_download)["djmix-dataset.json.gz"]
     mixes = read_json(path)
     expect(isinstance(mixes, list), path, "top level", "expected a list of mixes")
@@ -35,20 +33,20 @@ def load_djmix(data_dir: Path, allow_download: bool = True) -> Catalog:
         record = f"mix {n} (id={mix.get('id') if isinstance(mix, dict) else None!r})"
         expect(isinstance(mix, dict) and isinstance(mix.get("tracklist"), list), path, record,
                "expected an object with a 'tracklist' list")
+        expect(mix.get("id") not in (None, ""), path, record, "has no 'id' (every mix needs a stable id)")
         ids = []
         for track in mix["tracklist"]:
             expect(isinstance(track, dict), path, record, f"tracklist entry {track!r} is not an object")
-            name = clean_track_title(str(track.get("title") or ""))
-            if not track.get("id") or not name:
+            track_name = clean_track_title(str(track.get("title") or ""))
+            if not track.get("id") or not track_name:
                 continue  # unidentified entries have no stable id to retrieve
-            names.setdefault(track["id"], name)
+            names.setdefault(track["id"], track_name)
             ids.append(track["id"])
         ids = list(dict.fromkeys(ids))
         reuse.update(ids)
         tags = [str(t.get("key", "")).removeprefix("Category:") for t in mix.get("tags") or [] if isinstance(t, dict)]
         sets.append({"collection_id": str(mix["id"]), "title": str(mix.get("title") or "").strip(), "item_ids": ids,
                      "tags": tags, "views": mix.get("num_identified_tracks"), "source_split": "all"})
-    items = pd.DataFrame({"item_id": list(names), "name": list(names.values()), "category": "",
-                          "likes": [float(reuse[i]) for i in names]})  # reuse count: how many DJs played it
-    collections = pd.DataFrame([s for s in sets if s["item_ids"]])
-    return Catalog.from_frames("djmix", items, collections, source=str(path))
+    items = [{"item_id": i, "name": n, "likes": float(reuse[i])}  # reuse count: how many DJs played it
+             for i, n in names.items()]
+    return Catalog.from_rows(name, items, [s for s in sets if s["item_ids"]], source=str(path))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from r4t_pipeline.catalog import Catalog, CatalogError
 from r4t_pipeline.sources.files import SourceFile, ensure_files, expect, read_json
 
@@ -30,15 +28,14 @@ FILES = [
 _TID = re.compile(r"[?&]tid=(\d+)")
 
 
-def load_polyvore(data_dir: Path, allow_download: bool = True) -> Catalog:
+def load_polyvore(data_dir: Path, allow_download: bool = True, name: str = "polyvore") -> Catalog:
     paths = ensure_files(data_dir, FILES, allow_download)
     categories = _read_categories(paths["category_id.txt"])
     valid_items, valid_sets = _valid_split(paths["valid_no_dup.json.gz"], categories)
     test_items, test_sets = _test_split(paths["mcn_polyvoreT_test_names.json.gz"],
                                         paths["ngnn_test_categories.json.gz"], categories)
-    items = pd.DataFrame(valid_items + test_items).drop_duplicates("item_id", keep="first")
-    collections = pd.DataFrame(valid_sets + test_sets)
-    return Catalog.from_frames("polyvore", items, collections, source=str(data_dir / "polyvore"))
+    items = list({item["item_id"]: item for item in reversed(valid_items + test_items)}.values())[::-1]  # first wins
+    return Catalog.from_rows(name, items, valid_sets + test_sets, source=str(data_dir / "polyvore"))
 
 
 def _read_categories(path: Path) -> dict[int, str]:
@@ -66,6 +63,7 @@ def _valid_split(path: Path, categories: dict[int, str]) -> tuple[list[dict], li
         record = f"outfit {n} (set_id={outfit.get('set_id') if isinstance(outfit, dict) else None!r})"
         expect(isinstance(outfit, dict) and isinstance(outfit.get("items"), list), path, record,
                "expected an object with an 'items' list")
+        expect(outfit.get("set_id") not in (None, ""), path, record, "has no 'set_id'")
         ids = []
         for item in outfit["items"]:
             match = _TID.search(str(item.get("image", "")))

@@ -1,0 +1,23 @@
+"""The one registry of fan-out methods: name -> how the report names it and which assets it retrieves with
+(besides the catalog's embedding index). Light (no torch), so that the CLI can validate a method name fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str                 # as the report's tables print it
+    assets: tuple[str, ...]    # what it needs: "folm_base" per catalog, the others per catalog and regime
+
+
+METHODS = {m.name: m for m in (
+    Method("no_fanout", "No fan-out", ()),
+    Method("zero_shot", "Zero-shot fan-out", ("folm_base",)),
+    Method("best_of_n", "Best-of-N", ("folm_base",)),
+    Method("r4t_folm", "R4T-FOLM", ("folm_checkpoint",)),
+    Method("r4t_diffusion", "R4T-Diffusion", ("diffusion_checkpoint",)),
+)}
+ALIASES = {"diffusion": "r4t_diffusion", "folm": "r4t_folm"}

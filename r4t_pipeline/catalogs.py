@@ -224,11 +224,12 @@ def _reason(err: Exception) -> str:
 
 def _group_memberships(rows: pl.DataFrame, where: str) -> pl.DataFrame:
     """One row per (collection, item) -> one row per collection with its item_ids, in `position` order."""
+    for column in ("collection_id", "item_id"):
+        null_rows = rows[column].is_null().arg_true()
+        if len(null_rows):
+            raise CatalogError(f"{where}: row {int(null_rows[0])} field {column!r} is NULL")
     if "position" in rows.columns:
         rows = rows.sort(["collection_id", "position"], maintain_order=True)
-    null_ids = rows["item_id"].is_null().arg_true()
-    if len(null_ids):
-        raise CatalogError(f"{where}: row {int(null_ids[0])} field 'item_id' is NULL")
     others = [c for c in rows.columns if c not in ("collection_id", "item_id", "position")]
     return rows.group_by("collection_id", maintain_order=True).agg(
         pl.col("item_id").cast(pl.String).alias("item_ids"), *[pl.col(c).first() for c in others])

@@ -59,7 +59,9 @@ def write_database(url: str, items: dict[str, list], memberships: dict[str, list
             if drop:
                 table.drop(conn, checkfirst=True)
                 table.create(conn)
-            conn.execute(table.insert(), [dict(zip(columns, row)) for row in zip(*columns.values())])
+            rows = [dict(zip(columns, row)) for row in zip(*columns.values())]
+            if rows:
+                conn.execute(table.insert(), rows)
     engine.dispose()
 
 
@@ -108,7 +110,8 @@ def test_declared_catalogs_replace_the_built_in_two(tmp_path):
 
 
 def test_the_password_comes_from_the_environment_only(tmp_path, monkeypatch):
-    source = SqlSource(f"sqlite:///{tmp_path / 'x.db'}", "products", "outfit_items", password_env="R4T_TEST_PW")
+    source = SqlSource("postgresql+psycopg2://shop@127.0.0.1:9/shop", "products", "outfit_items",
+                       password_env="R4T_TEST_PW")  # an engine connects only when used
     monkeypatch.delenv("R4T_TEST_PW", raising=False)
     with pytest.raises(CatalogError, match=r"the password variable \$R4T_TEST_PW \(sql.password_env\) is not set"):
         source.engine()

@@ -273,10 +273,27 @@ def test_weekly_retraining_schedule_requests_every_folm_and_its_downstream(smoke
 
 # ---- 6. failure handling ------------------------------------------------------------------------------------
 
-def test_long_assets_retry(smoke_defs):
+def test_only_transient_errors_are_retried(smoke_defs):
+    from r4t_pipeline.catalog import CatalogError
+    from r4t_pipeline.catalogs import SourceUnavailable
+    from r4t_pipeline.defs.production import retry_transient
+
     for name in [*LONG_ASSETS, *(n.replace("polyvore/oar", "djmix/wscr") for n in TRAINING)]:
-        policy = smoke_defs.get_assets_def(key(name)).op.retry_policy
-        assert policy is not None and policy.max_retries >= 1, name
+        assert smoke_defs.get_assets_def(key(name)).op.retry_policy is None, name  # an interrupt is never retried
+
+    def raising(error: BaseException):
+        @retry_transient
+        def compute():
+            raise error
+        return compute
+
+    with pytest.raises(dg.RetryRequested):
+        raising(SourceUnavailable("db:5432 (items: table 'products'): cannot connect"))()
+    with pytest.raises(dg.RetryRequested):
+        raising(TimeoutError("read timed out"))()
+    for final in (CatalogError("shop.csv (items): duplicate item_id 'a'"), KeyboardInterrupt(), ValueError("bug")):
+        with pytest.raises(type(final)):
+            raising(final)()
 
 
 def test_a_failed_run_keeps_the_previous_catalog_and_marks_its_mlflow_run_failed(pipeline, tmp_path):

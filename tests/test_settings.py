@@ -1,11 +1,15 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
-from r4t_pipeline.settings import load_settings
+from r4t_pipeline.settings import SettingsError, load_settings
 
 
 def test_profiles_and_overrides(tmp_path):
-    smoke = load_settings("smoke", config_path=tmp_path / "none.yaml")
-    demo = load_settings("demo", config_path=tmp_path / "none.yaml")
+    smoke = load_settings("smoke", config_path=os.devnull)
+    demo = load_settings("demo", config_path=os.devnull)
     assert smoke.profile == "smoke" and smoke.catalog.max_collections["polyvore"] == 60
     assert demo.encoder.dim == 128 and demo.index.kind == "flat"
     deployment = tmp_path / "deploy.yaml"
@@ -14,15 +18,30 @@ def test_profiles_and_overrides(tmp_path):
     assert custom.profile == "smoke" and custom.index.kind == "hnsw"
 
 
-def test_section_versions_follow_their_config(tmp_path):
-    base = load_settings("smoke", config_path=tmp_path / "none.yaml")
-    changed = load_settings("smoke", config_path=tmp_path / "none.yaml", overrides={"index": {"kind": "ivf"}})
+def test_section_versions_follow_their_config():
+    base = load_settings("smoke", config_path=os.devnull)
+    changed = load_settings("smoke", config_path=os.devnull, overrides={"index": {"kind": "ivf"}})
     assert base.index.version() != changed.index.version()
     assert base.encoder.version() == changed.encoder.version()
 
 
-def test_bad_settings_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown profile 'huge'"):
-        load_settings("huge", config_path=tmp_path / "none.yaml")
-    with pytest.raises(ValueError, match="dimm"):
-        load_settings("smoke", config_path=tmp_path / "none.yaml", overrides={"encoder": {"dimm": 3}})
+def test_bad_settings_are_rejected_in_one_line(tmp_path):
+    with pytest.raises(SettingsError, match="unknown profile 'huge'"):
+        load_settings("huge", config_path=os.devnull)
+    with pytest.raises(SettingsError, match=r"^settings: encoder.dimm: Extra inputs are not permitted$"):
+        load_settings("smoke", config_path=os.devnull, overrides={"encoder": {"dimm": 3}})
+    with pytest.raises(SettingsError, match="typo.yaml: no such configuration file"):
+        load_settings(config_path=tmp_path / "typo.yaml")  # a mistyped $R4T_CONFIG is an error, not the defaults
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("profile: smoke\nindex: {kind: [hnsw\n")
+    with pytest.raises(SettingsError, match="broken.yaml: malformed YAML at line 3 column 1"):
+        load_settings(config_path=broken)
+    broken.write_text("- just\n- a list\n")
+    with pytest.raises(SettingsError, match="broken.yaml: expected a mapping of settings, got list"):
+        load_settings(config_path=broken)
+
+
+def test_loading_the_settings_and_the_cli_help_do_not_import_torch():
+    code = "import sys, r4t_pipeline.cli, r4t_pipeline.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", "settings or the CLI pulled in torch (seconds of start-up for `r4t --help`)"

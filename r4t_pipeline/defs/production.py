@@ -51,7 +51,7 @@ def reap_abandoned_runs(context: dg.AssetExecutionContext, markers: Path) -> lis
     each run leaves a marker with its process id when its first asset starts."""
     host = socket.gethostname()
     markers.mkdir(parents=True, exist_ok=True)
-    mine = markers / f"{context.run_id}.json"
+    mine = markers / f"{context.run.run_id}.json"
     if not mine.exists():
         write_json(mine, {"host": host, "pid": os.getpid()})
     reaped = []
@@ -63,7 +63,7 @@ def reap_abandoned_runs(context: dg.AssetExecutionContext, markers: Path) -> lis
             if owner["host"] != host or process_alive(owner["pid"]):
                 continue
             context.instance.report_run_failed(run, message=f"run {run.run_id} was killed: its process "
-                                                            f"{owner['pid']} is gone (reaped by run {context.run_id})")
+                                                            f"{owner['pid']} is gone (reaped by run {context.run.run_id})")
             reaped.append(run.run_id)
         marker.unlink(missing_ok=True)
     return reaped

@@ -62,8 +62,8 @@ def reap_abandoned_runs(context: dg.AssetExecutionContext, markers: Path) -> lis
         if run is not None and not run.is_finished:
             if owner["host"] != host or process_alive(owner["pid"]):
                 continue
-            context.instance.report_run_failed(run, message=f"run {run.run_id} was killed: its process "
-                                                            f"{owner['pid']} is gone (reaped by run {context.run.run_id})")
+            reason = f"run {run.run_id} was killed: its process {owner['pid']} is gone (seen by {context.run.run_id})"
+            context.instance.report_run_failed(run, message=reason)
             reaped.append(run.run_id)
         marker.unlink(missing_ok=True)
     return reaped

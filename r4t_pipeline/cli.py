@@ -1,4 +1,5 @@
-"""`r4t`: retrieve with any method, benchmark fan-out latency, fetch the source data."""
+"""`r4t`: retrieve with any method, expand a seed set (MO-DiT+HPPO), benchmark fan-out latency, fetch the
+source data."""
 
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ def _retrieve(args: argparse.Namespace) -> int:
         print(f"\n[{d['direction'] + 1}] {d['subquery'] or '(generated direction)'}")
         for item in d["items"]:
             print(f"    {item['score']:.3f}  {item['text']}")
+    return 0
+
+
+def _expand(args: argparse.Namespace) -> int:
+    from r4t_pipeline.catalog import Catalog
+    from r4t_pipeline.embeddings import CatalogEmbeddings
+    from r4t_pipeline.modit.expand import expand_from_layout, format_expansion
+    from r4t_pipeline.modit.pipeline import ModitLayout
+
+    settings = load_settings(args.profile)
+    layout = ModitLayout(Path(args.modit_dir) if args.modit_dir else settings.artefact("modit"))
+    try:
+        catalog = Catalog.load(settings.artefact(args.domain, "catalog"))
+        embeddings = CatalogEmbeddings.load(settings.artefact(args.domain, "embeddings"))
+        result = expand_from_layout(layout, catalog, embeddings, args.domain, args.task, args.seeds.split(","),
+                                    k=args.k, method=args.method, protocol=args.protocol)
+    except FileNotFoundError as err:
+        raise SystemExit(f"r4t expand: {err}") from None
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+        return 0
+    for warning in result.warnings:
+        print(f"r4t expand: warning: {warning}", file=sys.stderr)
+    print(format_expansion(result, layout.load_config().task(result.task).column))
     return 0
 
 
@@ -89,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     retrieve.add_argument("--seed", type=int, default=0)
     retrieve.add_argument("--json", action="store_true", help="machine-readable output")
     retrieve.set_defaults(run=_retrieve)
+
+    expand = sub.add_parser("expand", help="more items in the seeds' pattern with a target attribute (MO-DiT+HPPO)")
+    expand.add_argument("--domain", choices=["polyvore", "djmix"], default="polyvore")
+    expand.add_argument("--task", required=True, help="attribute task: its name (polyvore_likes) or column (likes)")
+    expand.add_argument("--seeds", required=True, help="comma-separated item ids")
+    expand.add_argument("-k", type=int, default=20)
+    expand.add_argument("--method", default="hppo",
+                        choices=["hppo", "modit", "ordered", "pretrained", "interpolation", "global_attribute",
+                                 "seed_centroid"])
+    expand.add_argument("--protocol", choices=["item", "pattern"], default="item",
+                        help="which protocol's models to use")
+    expand.add_argument("--modit-dir", default=None, help="the MO-DiT run folder (default: <work_dir>/<profile>/modit)")
+    expand.add_argument("--json", action="store_true", help="machine-readable output")
+    expand.set_defaults(run=_expand)
 
     bench = sub.add_parser("bench", help="fan-out latency per batch size for every method (writes JSON)")
     bench.add_argument("--domain", choices=["polyvore", "djmix"], default="polyvore")

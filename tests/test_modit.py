@@ -17,9 +17,18 @@ from torch import nn
 from r4t_pipeline.config import DiffusionTrainConfig
 from r4t_pipeline.diffusion import DenoiserConfig, EDMPrecond, SetDenoiser, train_diffusion
 from r4t_pipeline.embeddings import embed_catalog
-from r4t_pipeline.modit import ModitLayout, assert_splits_disjoint, check_splits, modit_config, run_modit, train_stage
+from r4t_pipeline.modit import (
+    ModitLayout,
+    assert_splits_disjoint,
+    check_splits,
+    flat_metrics,
+    modit_config,
+    run_modit,
+    train_stage,
+)
 from r4t_pipeline.modit.config import AttributeTask, ThresholdRule
 from r4t_pipeline.modit.data import order_by_score, ordered_sequences, split_continuations
+from r4t_pipeline.modit.evaluate import modit_latency
 from r4t_pipeline.modit.expand import expand, resolve_task
 from r4t_pipeline.modit.hppo import PreferenceData, dpo_loss, preference_pairs, train_hppo
 from r4t_pipeline.modit.retrieval import ItemSearcher, expansion_metrics, oracle_joint
@@ -186,15 +195,8 @@ def test_condition_positions_make_order_matter_and_leave_r4t_unchanged():
 # ---- real samples of both catalogs -----------------------------------------------------------------------------
 
 def tiny_config(**overrides):
-    tasks = [
-        {"name": "polyvore_likes", "domain": "polyvore", "column": "likes", "patterns": {"target_size": 20}},
-        {"name": "polyvore_price", "domain": "polyvore", "column": "price", "patterns": {"target_size": 20}},
-        {"name": "djmix_reuse", "domain": "djmix", "column": "likes", "threshold": {"quantile": 0.9, "at_least": 3},
-         "patterns": {"target_size": 20}},
-    ]
-    return modit_config("smoke", {"tasks": tasks, "seed_sets": {"min_size": 2, "max_size": 4},
-                                  "splits": {"pattern_val_fraction": 0.2, "pattern_test_fraction": 0.3},
-                                  **overrides})
+    """The smoke profile: patterns of ~20 items, seed sets of 2-4, tiny training runs."""
+    return modit_config("smoke", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -340,9 +342,21 @@ def test_all_stages_and_the_evaluation_end_to_end(modit_run):
         assert 0 <= comparison["p_wilcoxon"] <= 1 and 0 <= comparison["p_bootstrap_patterns"] <= 1
         assert cell["best_baseline"] in ("seed_centroid", "global_attribute", "interpolation")
         assert cell["lambda"] in cfg.evaluation.lambdas
+    flat = flat_metrics(evaluation)  # what MLflow gets
+    assert {"polyvore_likes/item/hppo/joint_at_10",
+            "djmix_reuse/pattern/hppo_vs_modit/joint_at_10_p_wilcoxon"} <= set(flat)
     assert (layout.evaluation / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "| MO-DiT+HPPO (stage 4) |" in (layout.evaluation / "table.md").read_text()
     assert summary["times_seconds"]["total"] > 0
+
+
+def test_latency_of_the_generator_per_batch_of_seed_sets(modit_run, sample):
+    root, cfg, _ = modit_run
+    layout = ModitLayout(root / "smoke" / "modit")
+    timings = modit_latency(layout.load_task("polyvore_price"), sample[1]["polyvore"],
+                            layout.checkpoints(["item"])["item"], cfg, "item", [2, 4], repeats=2)
+    assert set(timings) == {"modit_hppo_heun1", "seed_centroid"}
+    assert timings["modit_hppo_heun1"]["4"]["median_seconds"] > 0 and len(timings["seed_centroid"]["2"]["runs"]) == 2
 
 
 def test_expand_returns_items_with_attribute_and_pattern_flags(modit_run, sample):

@@ -69,13 +69,17 @@ class AttributeTask(Strict):
     database: Literal["known", "all"] = "known"
 
 
-def default_tasks() -> list[AttributeTask]:
+def default_tasks(pattern_size: int = PatternRule().target_size) -> list[AttributeTask]:
+    """The issue's three tasks: Polyvore likes and price (top quartile), DJ-mix track reuse (top decile or >= 3)."""
+    patterns = PatternRule(target_size=pattern_size)
     return [
-        AttributeTask(name="polyvore_likes", domain="polyvore", column="likes", threshold=ThresholdRule(quantile=0.75)),
-        AttributeTask(name="polyvore_price", domain="polyvore", column="price", threshold=ThresholdRule(quantile=0.75)),
+        AttributeTask(name="polyvore_likes", domain="polyvore", column="likes", threshold=ThresholdRule(quantile=0.75),
+                      patterns=patterns),
+        AttributeTask(name="polyvore_price", domain="polyvore", column="price", threshold=ThresholdRule(quantile=0.75),
+                      patterns=patterns),
         # likes of a DJ-mix track = the number of mixes that play it; 3 is also its top decile on the demo subset
         AttributeTask(name="djmix_reuse", domain="djmix", column="likes",
-                      threshold=ThresholdRule(quantile=0.9, at_least=3)),
+                      threshold=ThresholdRule(quantile=0.9, at_least=3), patterns=patterns),
     ]
 
 
@@ -238,7 +242,9 @@ class ModitConfig(Strict):
         """One hash per asset of the MO-DiT branch over the settings it reads (its Dagster code_version);
         upstream changes reach an asset through its inputs' data versions, not through this hash."""
         parts = {
-            "task_data": [self.splits, self.seed_sets, self.predictor],
+            # a task's data also depends on its siblings on the same catalog (what they hold out, it cannot train on)
+            **{f"task_data/{task.name}": [*(t for t in self.tasks if t.domain == task.domain), self.splits,
+                                          self.seed_sets, self.predictor] for task in self.tasks},
             "raw": [self.sequences, self.denoiser_preset, self.denoiser_overrides, self.raw],
             "ordered": [self.sequences, self.ordered],
             "tail": [self.tail],
@@ -270,9 +276,12 @@ MODIT_PROFILES: dict[str, dict] = {
                  "log_every": 10},
         "evaluation": {"max_seed_sets": 400, "n_boot": 1000},
     },
+    # the smoke catalogs hold a few hundred items: small patterns, small seed sets, larger pattern holdouts
     "smoke": {
+        "tasks": [t.model_dump() for t in default_tasks(pattern_size=20)],
+        "splits": {"pattern_val_fraction": 0.2, "pattern_test_fraction": 0.3},
         "denoiser_preset": "smoke",
-        "seed_sets": {"per_pattern": {"train": 3, "val": 1, "test": 2}},
+        "seed_sets": {"min_size": 2, "max_size": 4, "per_pattern": {"train": 3, "val": 1, "test": 2}},
         "predictor": {"epochs": 50},
         "sequences": {"raw_max_examples": 400, "ordered_per_pattern": 2},
         "raw": {"steps": 6, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 3, "log_every": 2},

@@ -27,6 +27,9 @@ class ModitLayout:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str works too
+
     def task(self, name: str) -> Path:
         return self.root / "tasks" / name
 

@@ -122,9 +122,9 @@ def expand_from_layout(layout: ModitLayout, catalog: Catalog, embeddings: Catalo
 
 
 def format_expansion(result: Expansion, column: str) -> str:
+    """Human-readable listing (warnings are the caller's to print, e.g. on stderr)."""
     lines = [f"{len(result.items)} items for {len(result.seeds)} seeds ({METHOD_LABELS[result.method]}, task "
              f"{result.task}, pattern {result.pattern})"]
-    lines += [f"warning: {w}" for w in result.warnings]
     lines.append("seeds:")
     lines += [f"    {s['item_id']}  {s['name'] or s['category']}  [{column}={s[column]}]" for s in result.seeds]
     lines.append("retrieved (* = in the seeds' pattern, + = has the attribute):")

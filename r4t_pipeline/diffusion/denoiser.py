@@ -1,8 +1,9 @@
 """SetDenoiser: the raw network F of EDM, a DiT over the K noisy rows of a set.
 
 Rows attend to each other (no positional encoding, so F is permutation-equivariant over rows), attend to
-the condition tokens (one query embedding, or a padded sequence of seed-item embeddings), and are
-modulated by the noise level through adaLN-Zero (Peebles & Xie 2023).
+the condition tokens (one query embedding, or a padded sequence of seed-item embeddings, optionally with
+learned token positions for ordered sequences), and are modulated by the noise level through adaLN-Zero
+(Peebles & Xie 2023).
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ class DenoiserConfig:
     heads: int = 4
     layers: int = 3
     dropout: float = 0.0
+    # > 0: a learned embedding per condition-token position, for ordered condition sequences (MO-DiT reads a
+    # task token, then seed items ordered by predicted attribute). 0 (R4T): the condition is an unordered set.
+    cond_positions: int = 0
 
     def __post_init__(self) -> None:
         for name in ("dim", "cond_dim", "hidden", "mlp", "heads", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DenoiserConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cond_positions < 0:
+            raise ValueError(f"DenoiserConfig.cond_positions must be >= 0, got {self.cond_positions}")
         if self.hidden % self.heads:
             raise ValueError(f"DenoiserConfig.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0 <= self.dropout < 1:
@@ -51,7 +57,11 @@ class DenoiserConfig:
         return cls(dim=dim, cond_dim=cond_dim, **PRESETS[name])
 
     def to_dict(self) -> dict[str, int | float]:
-        return dataclasses.asdict(self)
+        """Every field; cond_positions only when used, so R4T configs (and their run fingerprints) stay as before."""
+        fields = dataclasses.asdict(self)
+        if not self.cond_positions:
+            del fields["cond_positions"]
+        return fields
 
 
 def parameter_count(config: DenoiserConfig) -> int:
@@ -146,6 +156,9 @@ class SetDenoiser(nn.Module):
         # Always present as an extra key, so dropping (or fully padding) the condition leaves one token to
         # attend to; when the condition is dropped it is the only one.
         self.null_token = nn.Parameter(torch.randn(cfg.cond_dim))
+        if cfg.cond_positions:
+            # zero-initialised: training starts from the order-blind model and learns what order adds
+            self.cond_position = nn.Parameter(torch.zeros(cfg.cond_positions, cfg.cond_dim))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden, 2 * cfg.hidden))
@@ -192,6 +205,11 @@ class SetDenoiser(nn.Module):
             keep = keep & ~drop_cond.bool()[:, None]
         # Embeddings have tiny coordinates (~1/sqrt(d_c)); unit RMS puts them on the same scale as the null token.
         tokens = F.rms_norm(cond, (self.cfg.cond_dim,), eps=1e-6)
+        if self.cfg.cond_positions:
+            if tokens.shape[1] > self.cfg.cond_positions:
+                raise ValueError(f"cond has {tokens.shape[1]} tokens, the denoiser knows {self.cfg.cond_positions} "
+                                 "positions")
+            tokens = tokens + self.cond_position[: tokens.shape[1]]
         context = torch.cat([self.null_token.expand(batch, 1, -1), tokens], dim=1)
         null_kept = torch.ones(batch, 1, dtype=torch.bool, device=cond.device)
         return context, torch.cat([null_kept, keep], dim=1)

@@ -5,11 +5,13 @@ write a pickle can run code in the next run)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 
@@ -51,10 +53,11 @@ class MlflowTracking(dg.ConfigurableResource):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(self.tracking_uri)
-        experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else \
-            client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        with self._first_use():
+            client = MlflowClient(self.tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else \
+                client.create_experiment(self.experiment, artifact_location=self.artifact_location)
         self.reap()
         owner = {"r4t/host": socket.gethostname(), "r4t/pid": str(os.getpid())}  # lets a later run reap it
         run = client.create_run(experiment_id, run_name=name, tags={**owner, **(tags or {})})
@@ -68,6 +71,22 @@ class MlflowTracking(dg.ConfigurableResource):
             client.set_terminated(run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def _first_use(self) -> Iterator[None]:
+        """Concurrent runs on a fresh SQLite store would run MLflow's schema migrations at once (and fail): one
+        process at a time creates the store and the experiment."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            yield
+            return
+        lock = Path(self.tracking_uri.removeprefix("sqlite:///") + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def reap(self) -> list[str]:
         """Mark KILLED the RUNNING runs of this host whose process is gone (killed with no chance to say so)."""

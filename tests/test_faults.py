@@ -91,8 +91,8 @@ def test_concurrent_runs_of_the_same_assets_all_succeed_and_leave_loadable_artef
 def test_sigterm_stops_diffusion_training_promptly_and_the_next_run_resumes(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    steps = 3000
-    deployment(tmp_path, diffusion={"train": {"steps": steps, "checkpoint_every": 50, "batch_size": 8}})
+    steps = 400  # long enough to be caught between two checkpoints, short enough to finish when resumed
+    deployment(tmp_path, diffusion={"train": {"steps": steps, "checkpoint_every": 10, "batch_size": 8}})
     upstream = materialize(tmp_path, "*polyvore/oar/synthetic_targets")
     assert upstream.returncode == 0, upstream.stdout[-3000:] + upstream.stderr[-3000:]
     versions = settings(tmp_path).root / "polyvore" / "oar" / "diffusion_checkpoint" / "versions"

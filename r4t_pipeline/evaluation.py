@@ -159,7 +159,7 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
                                             cfg.seed)
         else:
             metrics[method] = evaluate_oar(retriever, queries, k, cfg.seed, judge, label)
-        if method in ("zero_shot", "r4t_folm", "r4t_diffusion"):
+        if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
             batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
             examples[method] = [{"query": f.query, "directions": [
                 {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}

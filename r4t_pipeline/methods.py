@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Method:
     name: str
     title: str                 # as the report's tables print it
-    assets: tuple[str, ...]    # what it needs: "folm_base" per catalog, the others per catalog and regime
+    assets: tuple[str, ...]    # what it needs besides the index (CATALOG_ASSETS per catalog, others per regime)
 
 
 METHODS = {m.name: m for m in (
@@ -19,5 +19,7 @@ METHODS = {m.name: m for m in (
     Method("best_of_n", "Best-of-N", ("folm_base",)),
     Method("r4t_folm", "R4T-FOLM", ("folm_checkpoint",)),
     Method("r4t_diffusion", "R4T-Diffusion", ("diffusion_checkpoint",)),
+    Method("supervised_diffusion", "Supervised set diffusion", ("supervised_diffusion",)),
 )}
+CATALOG_ASSETS = ("folm_base", "supervised_diffusion")  # one per catalog, shared by its regimes
 ALIASES = {"diffusion": "r4t_diffusion", "folm": "r4t_folm"}

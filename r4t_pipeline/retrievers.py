@@ -163,3 +163,9 @@ class R4TDiffusion(Retriever):
         samples = self.model.sample(conditions, sampler=self.sampler, steps=self.steps, guidance=self.guidance,
                                     seed=seed)
         return list(samples), None
+
+
+class SupervisedDiffusion(R4TDiffusion):
+    """The same sampler over the supervised anchor: a denoiser trained on the real training sets (`slate`)."""
+
+    name = "supervised_diffusion"

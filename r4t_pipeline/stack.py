@@ -10,10 +10,19 @@ from pathlib import Path
 from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, build_encoder
 from r4t_pipeline.index import VectorIndex
 from r4t_pipeline.io import file_sha256
+from r4t_pipeline.methods import CATALOG_ASSETS
 from r4t_pipeline.methods import METHODS as REGISTERED
 from r4t_pipeline.paths import assets_dir
 from r4t_pipeline.records import Record, RecordStore, check_consistent
-from r4t_pipeline.retrievers import BestOfN, NoFanout, R4TDiffusion, R4TFolm, Retriever, ZeroShotFanout
+from r4t_pipeline.retrievers import (
+    BestOfN,
+    NoFanout,
+    R4TDiffusion,
+    R4TFolm,
+    Retriever,
+    SupervisedDiffusion,
+    ZeroShotFanout,
+)
 from r4t_pipeline.rewards import FanoutScorer, RewardConfig, load_reward_preset
 from r4t_pipeline.settings import Settings
 
@@ -79,11 +88,12 @@ class RetrieverArtefacts:
     base_folm: str | None = None    # the zero-shot FOLM model folder
     folm: str | None = None         # the RL-tuned FOLM model folder
     diffusion: str | None = None    # the diffusion checkpoint folder
+    supervised: str | None = None   # the supervised anchor's checkpoint folder
 
 
 def build_retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts,
                     sampler: str | None = None, steps: int | None = None) -> Retriever:
-    """Any of the five methods over the regime's database."""
+    """Any registered method over the regime's database."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     space, index = embedding_space(settings), VectorIndex.load(artefacts.index)
@@ -103,12 +113,15 @@ def build_retriever(settings: Settings, regime: str, method: str, artefacts: Ret
         return R4TFolm(space, index, *load_folm(_required(artefacts.folm, "folm_checkpoint")), **text_kwargs)
     from r4t_pipeline.diffusion.train import DiffusionRetrieverModel
 
-    path = Path(_required(artefacts.diffusion, "diffusion_checkpoint"))
+    supervised = method == "supervised_diffusion"
+    path = Path(_required(artefacts.supervised if supervised else artefacts.diffusion,
+                          "supervised_diffusion" if supervised else "diffusion_checkpoint"))
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no diffusion checkpoint at {path}; materialise diffusion_checkpoint first")
+        raise FileNotFoundError(f"no diffusion checkpoint at {path}; materialise the {method} model first")
     cfg = settings.diffusion
-    return R4TDiffusion(space, index, DiffusionRetrieverModel.load(path), sampler or cfg.sampler,
-                        steps or cfg.sampler_steps, cfg.guidance)
+    return (SupervisedDiffusion if supervised else R4TDiffusion)(
+        space, index, DiffusionRetrieverModel.load(path), sampler or cfg.sampler, steps or cfg.sampler_steps,
+        cfg.guidance)
 
 
 def latest_artefacts(settings: Settings, catalog: str, regime: str, methods: list[str]
@@ -119,14 +132,21 @@ def latest_artefacts(settings: Settings, catalog: str, regime: str, methods: lis
     records = {asset: store.read(f"{catalog}/{asset}") for asset in ("catalog", "embedding_index", "broad_queries")}
     for method in methods:
         for asset in REGISTERED[method].assets:
-            records[asset] = store.read(f"{catalog}/{asset}" if asset == "folm_base" else f"{catalog}/{regime}/{asset}")
+            records[asset] = store.read(f"{catalog}/{asset}" if asset in CATALOG_ASSETS else
+                                        f"{catalog}/{regime}/{asset}")
     check_consistent(records.values())
-    get = records.get
-    artefacts = RetrieverArtefacts(index=records["embedding_index"].for_regime(regime),
-                                   base_folm=base_model(get("folm_base").path) if get("folm_base") else None,
-                                   folm=get("folm_checkpoint").model if get("folm_checkpoint") else None,
-                                   diffusion=get("diffusion_checkpoint").model if get("diffusion_checkpoint") else None)
-    return records, artefacts
+    return records, artefacts_of(regime, records)
+
+
+def artefacts_of(regime: str, records: dict[str, Record]) -> RetrieverArtefacts:
+    """Retriever paths from records keyed by asset name (embedding_index, folm_base, folm_checkpoint, ...)."""
+    def model(asset: str) -> str | None:
+        return records[asset].model if asset in records else None
+
+    return RetrieverArtefacts(index=records["embedding_index"].for_regime(regime),
+                              base_folm=base_model(records["folm_base"].path) if "folm_base" in records else None,
+                              folm=model("folm_checkpoint"), diffusion=model("diffusion_checkpoint"),
+                              supervised=model("supervised_diffusion"))
 
 
 def _required(path: str | None, asset: str) -> str:

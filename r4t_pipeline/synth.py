@@ -37,7 +37,8 @@ from r4t_pipeline.rewards import FanoutScorer
 LogFn = Callable[[int, dict[str, float]], None]
 
 
-def _cycle_rows(vectors: np.ndarray, k: int) -> np.ndarray:
+def cycle_rows(vectors: np.ndarray, k: int) -> np.ndarray:
+    """K rows from n < K: the n rows repeated in turn (a set: this repeats directions, it invents none)."""
     return vectors[np.arange(k) % len(vectors)]
 
 
@@ -141,7 +142,7 @@ def _score_chunk(scorer: FanoutScorer, chunk: pl.DataFrame, completions: list[li
         rows.append({"query_id": query_ids[owner[j]], "query": flat_q[j], "sample_index": sample[j],
                      "subqueries": flat_sub[j][:k], "reward_total": float(totals[j]), **term_columns,
                      "folm_checkpoint": folm_checkpoint, "query_embedding": query_vectors[owner[j]],
-                     "targets": _cycle_rows(sub_vectors, k)})
+                     "targets": cycle_rows(sub_vectors, k)})
     return rows
 
 

@@ -18,7 +18,7 @@ def test_whole_graph_materialises_and_checks_pass(smoke):
     checks = smoke.result.get_asset_check_evaluations()
     assert len(checks) == 4 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
     keys = {m.asset_key.to_user_string() for m in smoke.result.get_asset_materialization_events()}
-    foundation = ("catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base")
+    foundation = ("catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base", "supervised_diffusion")
     expected = {f"polyvore/{a}" for a in foundation}
     expected |= {f"polyvore/{r}/{s}" for r in ("oar", "wscr") for s in STAGES}
     assert keys == expected | {"latency_benchmark", "evaluation_report"}
@@ -45,7 +45,8 @@ def test_stage_artefacts_chain_together(smoke):
         folm = smoke.records.read(f"polyvore/{regime}/folm_checkpoint")
         assert (frame["folm_checkpoint"] == f"{folm.asset}@{folm.version}").all()
         metrics = json.loads((smoke.path(f"polyvore/{regime}/evaluation") / "metrics.json").read_text())
-        assert set(metrics["metrics"]) == {"no_fanout", "zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion"}
+        assert set(metrics["metrics"]) == {"no_fanout", "zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion",
+                                           "supervised_diffusion"}
         assert set(metrics["validation_reward"]) == set(metrics["metrics"])
         assert all(-2 < r["total"] < 1.01 for r in metrics["validation_reward"].values())
     report = (smoke.path("evaluation_report") / "report.md").read_text()

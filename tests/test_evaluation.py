@@ -38,7 +38,7 @@ def test_report_renders_both_tables_in_method_order(smoke):
     oar_table = metrics_table(evaluations[0]).splitlines()
     assert oar_table[0] == "| method | diversity | alignment | groundedness | average |"
     assert [row.split("|")[1].strip() for row in oar_table[2:]] == [
-        "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion"]
+        "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion", "Supervised set diffusion"]
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
     page = render_html(render_markdown(evaluations, []), {"figure": "iVBORw0KGgo="})
     assert page.count("<table>") == 4 and "src='data:image/png;base64," in page and "http" not in page

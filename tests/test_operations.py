@@ -164,7 +164,8 @@ CODE_VERSION_CASES = {
     "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint"}),
     "RL steps": ({"folm": {"train": {"steps": 3}}}, {"polyvore/oar/folm_checkpoint"}),
     "synthesis": ({"synth": {"samples_per_query": 3}}, {"polyvore/oar/synthetic_targets"}),
-    "diffusion steps": ({"diffusion": {"train": {"steps": 3}}}, {"polyvore/oar/diffusion_checkpoint"}),
+    "diffusion steps": ({"diffusion": {"train": {"steps": 3}}},
+                        {"polyvore/oar/diffusion_checkpoint", "polyvore/supervised_diffusion"}),
     "evaluation": ({"evaluation": {"max_queries": 3}}, {"polyvore/oar/evaluation"}),
 }
 
@@ -249,7 +250,8 @@ def test_catalog_sensor_requests_the_catalog_and_its_downstream_when_the_source_
     retitle_first_outfit(sources)
     changed = tick(touched.cursor)
     [request] = changed.run_requests
-    assert {k.to_user_string() for k in request.asset_selection} == FOUNDATION | set(TRAINING) | REPORTING
+    assert {k.to_user_string() for k in request.asset_selection} == \
+        FOUNDATION | set(TRAINING) | REPORTING | {"polyvore/supervised_diffusion"}
     assert request.tags["r4t/trigger"] == SENSOR_NAME
     assert observed(changed) == [source_fingerprint(settings, "polyvore")] != [original]
     assert tick(changed.cursor).skip_message == "catalog sources unchanged"

@@ -26,7 +26,7 @@ def test_every_method_returns_directions_candidates_and_a_merged_set(smoke, meth
         assert len(fanout.merged) == len(set(fanout.merged)) <= 40 + n
         if method in ("zero_shot", "best_of_n", "r4t_folm"):
             assert len(fanout.subqueries) == n
-    if method == "r4t_diffusion":
+    if method in ("r4t_diffusion", "supervised_diffusion"):
         assert all(len(f.directions) == smoke.settings.rewards.k for f in batch.fanouts)
     if method == "no_fanout":
         assert all(len(f.directions) == 1 for f in batch.fanouts)

@@ -12,6 +12,7 @@ from r4t_pipeline.defs.resources import MlflowTracking, RecordIOManager
 from r4t_pipeline.defs.schedules import retraining_schedule
 from r4t_pipeline.defs.sensors import catalog_source_sensor
 from r4t_pipeline.defs.stages import folm_base_asset, stage_assets
+from r4t_pipeline.defs.supervised import supervised_asset
 from r4t_pipeline.settings import Settings
 
 
@@ -21,7 +22,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     for name, entry in entries.items():
         assets += foundation_assets(settings, entry)
         checks += foundation_checks(name)
-        assets.append(folm_base_asset(settings, name))
+        assets += [folm_base_asset(settings, name), supervised_asset(settings, name)]
         for regime in settings.regimes:
             assets += stage_assets(settings, name, regime)
             assets.append(evaluation_asset(settings, name, regime))

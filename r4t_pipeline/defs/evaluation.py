@@ -10,26 +10,19 @@ from r4t_pipeline.bench import format_table, run_benchmark
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.evaluation import run_evaluation
-from r4t_pipeline.records import FileRecord, IndexRecord, ModelRecord, Record
+from r4t_pipeline.records import FileRecord, Record
 from r4t_pipeline.report import latency_figure, metrics_table, render_html, render_markdown, reward_figure, reward_table
 from r4t_pipeline.settings import Settings
-from r4t_pipeline.stack import RetrieverArtefacts, base_model
+from r4t_pipeline.stack import artefacts_of
 
 METRICS_FILE, LATENCY_FILE = "metrics.json", "latency.json"
 
 
-def retriever_artefacts(regime: str, index: IndexRecord, folm_base: ModelRecord, folm: ModelRecord,
-                        diffusion: ModelRecord) -> RetrieverArtefacts:
-    return RetrieverArtefacts(index=index.for_regime(regime), base_folm=base_model(folm_base.path),
-                              folm=folm.model, diffusion=diffusion.model)
-
-
 def _stage_ins(name: str, regime: str, prefix: str = "") -> dict[str, dg.AssetIn]:
-    return {f"{prefix}folm_base": dg.AssetIn(key=[name, "folm_base"]),
-            f"{prefix}folm": dg.AssetIn(key=[name, regime, "folm_checkpoint"]),
-            f"{prefix}diffusion": dg.AssetIn(key=[name, regime, "diffusion_checkpoint"]),
-            f"{prefix}broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
-            f"{prefix}embedding_index": dg.AssetIn(key=[name, "embedding_index"])}
+    """The records a retriever of this catalog and regime reads, keyed (after `prefix`) by asset name."""
+    per_catalog = ("folm_base", "supervised_diffusion", "broad_queries", "embedding_index")
+    return {**{f"{prefix}{a}": dg.AssetIn(key=[name, a]) for a in per_catalog},
+            **{f"{prefix}{a}": dg.AssetIn(key=[name, regime, a]) for a in ("folm_checkpoint", "diffusion_checkpoint")}}
 
 
 def evaluation_asset(settings: Settings, name: str, regime: str):
@@ -38,16 +31,15 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
     @dg.asset(key=[*prefix, "evaluation"], group_name="evaluation", kinds={"json"},
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
               code_version=code_version(settings.evaluation.version()),
-              description=f"No fan-out, zero-shot, Best-of-N, R4T-FOLM and R4T-Diffusion on the {name} "
-                          f"{regime.upper()} test split.")
+              description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
+                          f"supervised anchor) on the {name} {regime.upper()} test split.")
     @retry_transient
     def evaluation(context: dg.AssetExecutionContext, mlflow: MlflowTracking, **inputs: Record
                    ) -> dg.Output[FileRecord]:
         production = Production(context, settings, inputs)
         if reused := production.reuse():
             return reused
-        artefacts = retriever_artefacts(regime, inputs["embedding_index"], inputs["folm_base"], inputs["folm"],
-                                        inputs["diffusion"])
+        artefacts = artefacts_of(regime, inputs)
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
             result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts)
             run.log(0, {f"{method}/{metric}": value[0] for method, values in result["metrics"].items()
@@ -82,8 +74,7 @@ def report_assets(settings: Settings, names: list[str]) -> list:
         reports = []
         for n in names:
             mine = {k.removeprefix(f"{n}__"): v for k, v in inputs.items() if k.startswith(f"{n}__")}
-            artefacts = retriever_artefacts(regime, mine["embedding_index"], mine["folm_base"], mine["folm"],
-                                            mine["diffusion"])
+            artefacts = artefacts_of(regime, mine)
             reports.append(run_benchmark(settings, n, regime, mine["broad_queries"].path, artefacts,
                                          cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds))
         write_result(production, LATENCY_FILE, {"benchmarks": reports})

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from r4t_pipeline.methods import ALIASES, METHODS
+from r4t_pipeline.modit.config import METHOD_LABELS as MODIT_METHODS
 from r4t_pipeline.settings import Settings, load_settings
 
 
@@ -94,6 +95,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(args: argparse.Namespace) -> int:
+    from r4t_pipeline.catalog import Catalog
+    from r4t_pipeline.embeddings import CatalogEmbeddings
+    from r4t_pipeline.modit.config import STAGES
+    from r4t_pipeline.modit.expand import expand, format_expansion, resolve_task
+    from r4t_pipeline.modit.tasks import TaskData
+    from r4t_pipeline.records import RecordStore, check_consistent
+
+    settings = load_settings(args.profile)
+    catalog, cfg = _catalog(settings, args.domain), settings.modit
+    if not any(t.domain == catalog for t in cfg.tasks):
+        raise UsageError(f"no MO-DiT attribute task on catalog {catalog!r} (modit.tasks in $R4T_CONFIG)")
+    task = resolve_task(cfg, catalog, args.task)
+    if args.protocol not in cfg.protocols:
+        raise UsageError(f"--protocol {args.protocol}: not trained; configured: {', '.join(cfg.protocols)}")
+    store = RecordStore(settings.records_dir)
+    stages = {stage: f"modit/{args.protocol}/{stage}" for stage in STAGES}
+    records = {a: store.read(a) for a in (f"{catalog}/catalog", f"{catalog}/item_embeddings",
+                                          f"modit/{task}/task_data", *stages.values())}
+    lam = None
+    if store.file("modit/evaluation").is_file():  # the interpolation's lambda, chosen on validation
+        evaluation = store.read("modit/evaluation")
+        check_consistent([*records.values(), evaluation])
+        cells = json.loads((Path(evaluation.path) / "evaluation" / "evaluation.json").read_text())["cells"]
+        lam = next((c["lambda"] for c in cells if c["task"] == task and c["protocol"] == args.protocol), None)
+    check_consistent(records.values())
+    data = TaskData.load(Path(records[f"modit/{task}/task_data"].path) / "task")
+    result = expand(args.seeds.split(","), data, Catalog.load(records[f"{catalog}/catalog"].path),
+                    CatalogEmbeddings.load(records[f"{catalog}/item_embeddings"].path), cfg, k=args.k,
+                    method=args.method, protocol=args.protocol,
+                    checkpoints={stage: records[asset].model for stage, asset in stages.items()},
+                    interpolation_lambda=lam)
+    for warning in result.warnings:
+        print(f"r4t expand: warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"catalog": catalog, "protocol": args.protocol, **result.__dict__}, indent=2))
+    else:
+        print(format_expansion(result, data.task.column))
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from r4t_pipeline.catalogs import BUILTINS
     from r4t_pipeline.sources import resolve_data_dir
@@ -137,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     bench.add_argument("--out", type=Path, default=Path("bench.json"))
     bench.set_defaults(run=_bench)
+
+    expand = sub.add_parser("expand", help="MO-DiT+HPPO: more items in the seeds' pattern with a target attribute")
+    expand.add_argument("--domain", "--catalog", dest="domain", default="polyvore")
+    expand.add_argument("--task", required=True, help="an attribute task: its name, or its column on the catalog")
+    expand.add_argument("--seeds", required=True, help="comma-separated item ids that share a pattern")
+    expand.add_argument("-k", type=positive_int, default=20, help="items to return (default 20)")
+    expand.add_argument("--method", default="hppo", choices=list(MODIT_METHODS))
+    expand.add_argument("--protocol", choices=["item", "pattern"], default="item",
+                        help="which holdout's model to use (default item)")
+    expand.add_argument("--json", action="store_true", help="machine-readable output")
+    expand.set_defaults(run=_expand)
 
     fetch = sub.add_parser("fetch-data", help="download the built-in catalogs' source files into the data directory")
     fetch.add_argument("--data-dir", default=None)

@@ -112,7 +112,30 @@ def _queries_note(ev: dict) -> str:
     return f"Test queries: {sources or 'none'}{leak}."
 
 
-def render_markdown(evaluations: list[dict], benchmarks: list[dict]) -> str:
+def modit_markdown(evaluation: dict, latency: dict | None) -> list[str]:
+    """The MO-DiT+HPPO section: the table per task x protocol with p-values, the goal count, the generator's
+    latency per batch of seed sets."""
+    from r4t_pipeline.bench import format_table
+
+    k = evaluation["ks"][0]
+    goal = evaluation["goal"][f"joint@{k}"]
+    parts = ["## MO-DiT+HPPO · pattern-preserving attribute retrieval", "",
+             f"Mean ± s.e. over test seed sets (seeds excluded from the results); p-values of HPPO against each "
+             f"method on Joint@{k}: Wilcoxon signed-rank over seed sets and a bootstrap over test patterns.", "",
+             evaluation["table_markdown"], "",
+             f"Joint@{k}: HPPO > MO-DiT in {goal['hppo>modit']} of {goal['cells']} cells "
+             f"(significantly in {goal['hppo>modit_significant']}); MO-DiT > stage 1 in {goal['modit>pretrained']}; "
+             f"HPPO > every baseline in {goal['hppo>all_baselines']} (significantly over the best baseline in "
+             f"{goal['hppo>best_baseline_significant']}).", ""]
+    if latency:
+        parts += [f"Generator latency, seconds per batch of seed sets ({latency['task']}, "
+                  f"{latency['protocol']}-holdout, median):", "",
+                  format_table(latency["results"], latency["batch_sizes"]), ""]
+    return parts
+
+
+def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict | None = None,
+                    modit_latency: dict | None = None) -> str:
     parts = ["# R4T evaluation report", ""]
     for ev in evaluations:
         table = "Table 1 (OAR)" if ev["regime"] == "oar" else "Table 2 (WSCR)"
@@ -136,6 +159,8 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict]) -> str:
                       format_table(benchmark["results"], sizes), "",
                       f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
                       "n/a = skipped after exceeding the time budget.", ""]
+    if modit:
+        parts += modit_markdown(modit, modit_latency)
     return "\n".join(parts)
 
 

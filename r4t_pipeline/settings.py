@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from r4t_pipeline.config import DiffusionTrainConfig, FolmTrainConfig, SynthConfig, TinyLMSize
 from r4t_pipeline.io import stable_hash
+from r4t_pipeline.modit.config import MODIT_PROFILES, ModitConfig, default_tasks
 from r4t_pipeline.paths import REPO_ROOT
 
 Regime = Literal["oar", "wscr"]
@@ -191,6 +192,8 @@ class Settings(BaseModel):
     synth: SynthConfig = SynthConfig()
     diffusion: DiffusionSettings = DiffusionSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    modit: ModitConfig = Field(default_factory=ModitConfig,
+                               description="MO-DiT+HPPO: attribute tasks on declared catalogs, stages, evaluation")
 
     @field_validator("catalogs")
     @classmethod
@@ -201,6 +204,14 @@ class Settings(BaseModel):
         if bad:
             raise ValueError(f"catalog names {bad} must start with a letter and hold only letters, digits and _")
         return catalogs
+
+    @model_validator(mode="after")
+    def _tasks_on_declared_catalogs(self) -> Settings:
+        for n, task in enumerate(self.modit.tasks):
+            if task.domain not in self.catalogs:
+                raise ValueError(f"modit.tasks[{n}] ({task.name}): catalog {task.domain!r} is not declared "
+                                 f"(declared: {', '.join(self.catalogs)})")
+        return self
 
     @property
     def root(self) -> Path:
@@ -241,6 +252,7 @@ PROFILES: dict[str, dict] = {
                                 "checkpoint_every": 100}},
         "evaluation": {"max_queries": 40, "runs": 3, "best_of_n": 4, "latency_repeats": 2,
                        "latency_budget_seconds": 10},
+        "modit": MODIT_PROFILES["demo"],
     },
     "smoke": {
         "catalog": {"max_collections": {"polyvore": 60, "djmix": 40}},
@@ -254,6 +266,7 @@ PROFILES: dict[str, dict] = {
                       "train": {"steps": 20, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10}},
         "evaluation": {"max_queries": 4, "runs": 2, "per_direction": 20, "best_of_n": 2,
                        "latency_batch_sizes": [4, 8], "latency_repeats": 1},
+        "modit": MODIT_PROFILES["smoke"],
     },
     # The paper's settings (Table 3), for a GPU: a pretrained instruction-tuned FOLM, global batch 512
     # (64 queries x G = 8), S = 128 samples at temperature 0.9, the 6-layer hidden-1024 DiT, SDE with 256 steps.
@@ -317,6 +330,12 @@ def load_settings(profile: str | None = None, config_path: str | os.PathLike | N
         if "catalogs" in layer:
             merged["catalogs"] = layer["catalogs"]
             break
+    if not any("tasks" in (layer.get("modit") or {}) for layer in (overrides or {}, deployment)):
+        # the profile's attribute tasks apply to the catalogs that are declared; tasks named explicitly must fit
+        declared = merged.get("catalogs") or _default_catalogs()
+        modit = dict(merged.get("modit") or {})
+        tasks = modit.get("tasks") or [t.model_dump() for t in default_tasks()]
+        merged["modit"] = {**modit, "tasks": [t for t in tasks if t["domain"] in declared]}
     try:
         return Settings.model_validate({**merged, "profile": name})
     except ValidationError as err:

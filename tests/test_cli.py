@@ -76,3 +76,34 @@ def test_bench_writes_json_with_medians_and_ratios(smoke_config, tmp_path, capsy
     assert len(rows["r4t_folm"]["4"]["runs"]) == 2 and rows["r4t_diffusion_heun16"]["2"]["median_seconds"] > 0
     assert set(report["folm_over_diffusion"]["r4t_diffusion_sde256"]) == {"2", "4"}
     assert report["machine"]["device"] == "cpu" and "| r4t_folm |" in capsys.readouterr().out
+
+
+def test_expand_reads_the_materialised_modit_branch(smoke, smoke_config, capsys):
+    from pathlib import Path
+
+    from r4t_pipeline.modit.tasks import TaskData
+
+    data = TaskData.load(Path(smoke.records.read("modit/polyvore_likes/task_data").path) / "task")
+    seeds = data.seed_sets["pattern"]["test"]
+    ids = ",".join(str(data.item_ids[n]) for n in seeds.members(0))
+    assert main(["expand", "--domain", "polyvore", "--task", "likes", "--seeds", ids, "-k", "4",
+                 "--protocol", "pattern", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["task"] == "polyvore_likes" and payload["method"] == "hppo" and len(payload["items"]) == 4
+    assert not set(ids.split(",")) & {item["item_id"] for item in payload["items"]}  # seeds are not results
+    assert all(isinstance(item["in_pattern"], bool) and "likes" in item for item in payload["items"])
+    assert main(["expand", "--domain", "polyvore", "--task", "likes", "--seeds", ids, "--method",
+                 "interpolation"]) == 0
+    assert "items for" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "tempo", "--seeds", "x"], "unknown task 'tempo' for domain 'polyvore'"),
+    (["--task", "likes", "--seeds", "x1,x2"], "unknown item id(s) ['x1', 'x2']"),
+    (["--task", "likes", "--seeds", " , "], "no seed ids given"),
+    (["--task", "likes", "--seeds", "x", "--domain", "shop"], "unknown catalog 'shop'"),
+])
+def test_expand_errors_are_one_line(smoke_config, capsys, argv, message):
+    assert main(["expand", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r4t expand: ") and message in err and len(err.strip().splitlines()) == 1

@@ -16,12 +16,14 @@ STAGES = ("folm_checkpoint", "synthetic_targets", "diffusion_checkpoint", "evalu
 def test_whole_graph_materialises_and_checks_pass(smoke):
     assert smoke.result.success
     checks = smoke.result.get_asset_check_evaluations()
-    assert len(checks) == 4 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
+    assert len(checks) == 6 and all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks]
     keys = {m.asset_key.to_user_string() for m in smoke.result.get_asset_materialization_events()}
     foundation = ("catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base", "supervised_diffusion")
     expected = {f"polyvore/{a}" for a in foundation}
     expected |= {f"polyvore/{r}/{s}" for r in ("oar", "wscr") for s in STAGES}
-    assert keys == expected | {"latency_benchmark", "evaluation_report"}
+    expected |= {f"modit/{t}/task_data" for t in ("polyvore_likes", "polyvore_price")}
+    expected |= {f"modit/{p}/{s}" for p in ("item", "pattern") for s in ("raw", "ordered", "tail", "hppo")}
+    assert keys == expected | {"modit/evaluation", "latency_benchmark", "evaluation_report"}
 
 
 def test_foundation_outputs_are_consistent(smoke):
@@ -63,3 +65,24 @@ def test_metadata_shows_counts_examples_and_curves(smoke):
     assert meta["polyvore/oar/folm_checkpoint"]["steps"].value == smoke.settings.folm.train.steps
     assert 0 < meta["polyvore/wscr/synthetic_targets"]["sigma_data"].value < 1
     assert "R4T-Diffusion" in meta["evaluation_report"]["report"].value
+
+
+def test_the_modit_branch_chains_its_stages_and_reports(smoke):
+    stages = [smoke.records.read(f"modit/item/{s}") for s in ("raw", "ordered", "tail", "hppo")]
+    for previous, stage in zip(stages, stages[1:]):  # each stage starts from the one before
+        assert stage.lineage[previous.asset] == previous.version
+    assert all((smoke.path(s.asset) / "model.safetensors").is_file() for s in stages)
+    evaluation = json.loads((smoke.path("modit/evaluation") / "evaluation" / "evaluation.json").read_text())
+    cells = {(c["task"], c["protocol"]) for c in evaluation["cells"]}
+    assert cells == {(t, p) for t in ("polyvore_likes", "polyvore_price") for p in ("item", "pattern")}
+    for cell in evaluation["cells"]:
+        assert {"seed_centroid", "global_attribute", "interpolation", "pretrained", "modit", "hppo"} <= \
+            set(cell["metrics"])
+        assert 0 <= cell["comparisons"]["hppo_vs_modit"]["joint@10"]["p_wilcoxon"] <= 1
+    meta = {m.asset_key.to_user_string(): m.materialization.metadata
+            for m in smoke.result.get_asset_materialization_events()}
+    assert meta["modit/polyvore_likes/task_data"]["pattern_stats"].value["patterns"] > 1
+    assert "MO-DiT+HPPO (stage 4)" in meta["modit/evaluation"]["table"].value
+    report = (smoke.path("evaluation_report") / "report.md").read_text()
+    assert "## MO-DiT+HPPO" in report and "Generator latency" in report
+    assert "purity vs attribute frontier" in (smoke.path("evaluation_report") / "report.html").read_text()

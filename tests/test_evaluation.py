@@ -43,7 +43,7 @@ def test_report_renders_both_tables_in_method_order(smoke):
     page = render_html(render_markdown(evaluations, []), {"figure": "iVBORw0KGgo="})
     assert page.count("<table>") == 4 and "src='data:image/png;base64," in page and "http" not in page
     html_file = smoke.path("evaluation_report") / "report.html"
-    assert html_file.read_text().count("<img") == 2
+    assert html_file.read_text().count("<img") == 3  # latency, RL reward curves, MO-DiT frontier
 
 
 def test_smaller_pool_is_read_off_the_ranked_candidates():

@@ -76,7 +76,7 @@ def test_search_excludes_seeds_and_interleaves_queries():
 
 def test_threshold_rules_and_unknown_values(polyvore_catalog):
     catalog = polyvore_catalog
-    ids = catalog.items["item_id"].to_numpy(str)
+    ids = catalog.items["item_id"].to_numpy().astype(str)
     quartile = attribute_labels(catalog, ids, AttributeTask(name="t", domain="polyvore", column="likes"))
     known = quartile["known"]
     assert 0 < known.sum() < len(ids) and not quartile["positive"][~known].any()
@@ -388,26 +388,3 @@ def test_expand_returns_items_with_attribute_and_pattern_flags(modit_run, sample
     assert resolve_task(cfg, "djmix", "likes") == "djmix_reuse" and resolve_task(cfg, "polyvore", "price")
     with pytest.raises(ValueError, match="unknown task 'color' for domain 'polyvore'"):
         resolve_task(cfg, "polyvore", "color")
-
-
-def test_cli_expand(modit_run, tmp_path, monkeypatch, capsys):
-    from r4t_pipeline.cli import main
-
-    root, _, _ = modit_run
-    config = tmp_path / "deploy.yaml"
-    config.write_text(f"profile: smoke\nwork_dir: {root}\n")
-    monkeypatch.setenv("R4T_CONFIG", str(config))
-    monkeypatch.delenv("R4T_PROFILE", raising=False)
-    data = ModitLayout(root / "smoke" / "modit").load_task("djmix_reuse")
-    seeds = data.seed_sets["pattern"]["test"]
-    ids = ",".join(str(data.item_ids[n]) for n in seeds.members(0))
-    assert main(["expand", "--domain", "djmix", "--task", "likes", "--seeds", ids, "-k", "4", "--protocol", "pattern",
-                 "--json"]) == 0
-    payload = json.loads(capsys.readouterr().out)
-    assert payload["task"] == "djmix_reuse" and payload["method"] == "hppo" and len(payload["items"]) == 4
-    assert main(["expand", "--domain", "djmix", "--task", "reuse", "--seeds", ids, "--method", "interpolation"]) == 0
-    assert "items for" in capsys.readouterr().out
-    assert main(["expand", "--domain", "djmix", "--task", "tempo", "--seeds", ids]) == 2
-    assert "r4t expand: unknown task 'tempo'" in capsys.readouterr().err
-    assert main(["expand", "--domain", "djmix", "--task", "likes", "--seeds", "x1,x2"]) == 2
-    assert "unknown item id(s) ['x1', 'x2']" in capsys.readouterr().err

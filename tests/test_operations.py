@@ -32,6 +32,8 @@ FOUNDATION = {CATALOG, "polyvore/item_embeddings", "polyvore/embedding_index", "
               "polyvore/folm_base"}
 TRAINING = ["polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets", "polyvore/oar/diffusion_checkpoint"]
 REPORTING = {"polyvore/oar/evaluation", "latency_benchmark", "evaluation_report"}
+MODIT = {*(f"modit/polyvore_{t}/task_data" for t in ("likes", "price")), "modit/evaluation",
+         *(f"modit/{p}/{s}" for p in ("item", "pattern") for s in ("raw", "ordered", "tail", "hppo"))}
 LONG_ASSETS = ["polyvore/folm_base", *TRAINING]
 REWARD_CHANGE = {"rewards": {"overrides": {"oar": {"w_diversity": 0.3}}}}
 TINY = {"catalogs": {"polyvore": {"builtin": "polyvore"}}, "regimes": ["oar"],
@@ -167,6 +169,11 @@ CODE_VERSION_CASES = {
     "diffusion steps": ({"diffusion": {"train": {"steps": 3}}},
                         {"polyvore/oar/diffusion_checkpoint", "polyvore/supervised_diffusion"}),
     "evaluation": ({"evaluation": {"max_queries": 3}}, {"polyvore/oar/evaluation"}),
+    "MO-DiT splits": ({"modit": {"splits": {"seed": 1}}},
+                      {"modit/polyvore_likes/task_data", "modit/polyvore_price/task_data"}),
+    "MO-DiT tail stage": ({"modit": {"tail": {"steps": 3}}}, {"modit/item/tail", "modit/pattern/tail"}),
+    "MO-DiT HPPO beta": ({"modit": {"hppo": {"beta": 50.0}}}, {"modit/item/hppo", "modit/pattern/hppo"}),
+    "MO-DiT evaluation": ({"modit": {"evaluation": {"ks": [5, 20]}}}, {"modit/evaluation"}),
 }
 
 
@@ -251,7 +258,7 @@ def test_catalog_sensor_requests_the_catalog_and_its_downstream_when_the_source_
     changed = tick(touched.cursor)
     [request] = changed.run_requests
     assert {k.to_user_string() for k in request.asset_selection} == \
-        FOUNDATION | set(TRAINING) | REPORTING | {"polyvore/supervised_diffusion"}
+        FOUNDATION | set(TRAINING) | REPORTING | MODIT | {"polyvore/supervised_diffusion"}
     assert request.tags["r4t/trigger"] == SENSOR_NAME
     assert observed(changed) == [source_fingerprint(settings, "polyvore")] != [original]
     assert tick(changed.cursor).skip_message == "catalog sources unchanged"

@@ -8,6 +8,7 @@ from r4t_pipeline.catalogs import catalog_registry
 from r4t_pipeline.defs.checks import foundation_checks
 from r4t_pipeline.defs.evaluation import evaluation_asset, report_assets
 from r4t_pipeline.defs.foundation import foundation_assets
+from r4t_pipeline.defs.modit import modit_assets
 from r4t_pipeline.defs.resources import MlflowTracking, RecordIOManager
 from r4t_pipeline.defs.schedules import retraining_schedule
 from r4t_pipeline.defs.sensors import catalog_source_sensor
@@ -26,7 +27,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         for regime in settings.regimes:
             assets += stage_assets(settings, name, regime)
             assets.append(evaluation_asset(settings, name, regime))
-    assets += report_assets(settings, list(entries))
+    modit, modit_checks = modit_assets(settings)
+    assets += modit + report_assets(settings, list(entries))
+    checks += modit_checks
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,

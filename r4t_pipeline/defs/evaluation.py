@@ -7,6 +7,8 @@ from pathlib import Path
 import dagster as dg
 
 from r4t_pipeline.bench import format_table, run_benchmark
+from r4t_pipeline.defs.modit import EVALUATION_DIR, EVALUATION_KEY
+from r4t_pipeline.defs.modit import LATENCY_FILE as MODIT_LATENCY_FILE
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.evaluation import run_evaluation
@@ -58,6 +60,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
 
 def report_assets(settings: Settings, names: list[str]) -> list:
     cfg, regime = settings.evaluation, settings.regimes[0]
+    modit_in = {"modit": dg.AssetIn(key=EVALUATION_KEY)} if settings.modit.tasks else {}
     evaluations = [[n, r, "evaluation"] for n in names for r in settings.regimes]
     folms = [[n, r, "folm_checkpoint"] for n in names for r in settings.regimes]
 
@@ -85,7 +88,7 @@ def report_assets(settings: Settings, names: list[str]) -> list:
     @dg.asset(key=["evaluation_report"], group_name="evaluation", kinds={"html"},
               ins={"latency": dg.AssetIn(key=latency_benchmark.key),
                    **{"__".join(key[:2]): dg.AssetIn(key=key) for key in evaluations},
-                   **{"__".join(key[:2]) + "__folm": dg.AssetIn(key=key) for key in folms}},
+                   **{"__".join(key[:2]) + "__folm": dg.AssetIn(key=key) for key in folms}, **modit_in},
               code_version=code_version("report"),
               description="Markdown + self-contained HTML: tables per catalog and regime, latency figure, RL reward "
                           "curves and qualitative examples.")
@@ -95,14 +98,21 @@ def report_assets(settings: Settings, names: list[str]) -> list:
         production = Production(context, settings, {"latency": latency, **inputs})
         if reused := production.reuse():
             return reused
+        modit = inputs.pop("modit", None)
         results = [json.loads((Path(r.path) / METRICS_FILE).read_text())
                    for k, r in inputs.items() if not k.endswith("__folm")]
         benchmarks = json.loads((Path(latency.path) / LATENCY_FILE).read_text())["benchmarks"]
         curves = {k.removesuffix("__folm").replace("__", "/"): _folm_history(r.model)
                   for k, r in inputs.items() if k.endswith("__folm")}
-        markdown = render_markdown(results, benchmarks)
+        modit_result = modit_latency = None
+        if modit:
+            modit_result = json.loads((Path(modit.path) / EVALUATION_DIR / "evaluation.json").read_text())
+            modit_latency = json.loads((Path(modit.path) / MODIT_LATENCY_FILE).read_text())
+        markdown = render_markdown(results, benchmarks, modit_result, modit_latency)
         figures = {f"Fan-out latency vs batch size ({b['catalog']})": latency_figure(b) for b in benchmarks}
         figures["RL training reward"] = reward_figure({k: v for k, v in curves.items() if v})
+        if modit_result:
+            figures["MO-DiT+HPPO: purity vs attribute frontier"] = modit_result["frontier_png"]
         with production.writing() as tmp:
             (tmp / "report.md").write_text(markdown)
             (tmp / "report.html").write_text(render_html(markdown, figures))

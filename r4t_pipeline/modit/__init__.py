@@ -6,28 +6,23 @@ Runners, in pipeline order (each on loaded objects and an output folder):
                                                                                   stages raw, ordered, tail, hppo
   run_modit_evaluation(tasks, embeddings, checkpoints, cfg, out_dir) -> dict     all methods, all cells
   run_modit(catalogs, embeddings, cfg, root)                                       all of the above, in order
+
+The names below load on first use, so that the settings (which hold a `ModitConfig`) import no torch.
 """
 
-from r4t_pipeline.modit.config import MODIT_PROFILES, STAGES, ModitConfig, modit_config
-from r4t_pipeline.modit.evaluate import evaluation_table, flat_metrics, run_modit_evaluation
-from r4t_pipeline.modit.pipeline import ModitLayout, run_modit
-from r4t_pipeline.modit.stages import StageResult, train_stage
-from r4t_pipeline.modit.tasks import TaskData, assert_splits_disjoint, build_task_data, check_splits
+from importlib import import_module
 
-__all__ = [
-    "MODIT_PROFILES",
-    "STAGES",
-    "ModitConfig",
-    "ModitLayout",
-    "StageResult",
-    "TaskData",
-    "assert_splits_disjoint",
-    "build_task_data",
-    "check_splits",
-    "evaluation_table",
-    "flat_metrics",
-    "modit_config",
-    "run_modit",
-    "run_modit_evaluation",
-    "train_stage",
-]
+_HOMES = {
+    "MODIT_PROFILES": "config", "STAGES": "config", "ModitConfig": "config", "modit_config": "config",
+    "evaluation_table": "evaluate", "flat_metrics": "evaluate", "run_modit_evaluation": "evaluate",
+    "ModitLayout": "pipeline", "run_modit": "pipeline",
+    "StageResult": "stages", "train_stage": "stages",
+    "TaskData": "tasks", "assert_splits_disjoint": "tasks", "build_task_data": "tasks", "check_splits": "tasks",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)

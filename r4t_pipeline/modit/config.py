@@ -19,6 +19,20 @@ Stage = Literal["raw", "ordered", "tail", "hppo"]
 STAGES: tuple[Stage, ...] = ("raw", "ordered", "tail", "hppo")  # the paper's stages 1-4, in order
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
+METHOD_LABELS = {
+    "seed_centroid": "Seed centroid",
+    "global_attribute": "Global attribute retrieval",
+    "predicted_attribute": "Predicted-attribute retrieval (diagnostic)",
+    "interpolation": "Best fixed interpolation",
+    "pretrained": "Stage-1 pretrained generator",
+    "ordered": "Metric-ordered CPT (stage 2)",
+    "modit": "MO-DiT (stage 3)",
+    "hppo": "MO-DiT+HPPO (stage 4)",
+    "hppo_positives_only": "MO-DiT+HPPO query, positives only (diagnostic)",
+}
+BASELINES = ("seed_centroid", "global_attribute", "interpolation")  # the issue's; "best baseline" is one of them
+STAGE_OF_METHOD = {"pretrained": "raw", "ordered": "ordered", "modit": "tail", "hppo": "hppo"}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -221,8 +235,8 @@ class ModitConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ModitConfig:
         names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names) or not names:
-            raise ValueError(f"task names must be unique and at least one task given, got {names}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")  # none: no MO-DiT branch
         if self.seed_sets.max_size > self.sequences.max_items:
             raise ValueError(f"seed sets of up to {self.seed_sets.max_size} items exceed sequences.max_items "
                              f"= {self.sequences.max_items}")

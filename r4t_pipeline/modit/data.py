@@ -109,7 +109,7 @@ def seed_conditions(seeds: SeedSets, token: str, vectors: np.ndarray, scores: np
 def collection_positions(catalog: Catalog, item_ids: np.ndarray) -> list[np.ndarray]:
     """Each collection's items as embedding row positions, in the collection's stored order."""
     position = {item_id: n for n, item_id in enumerate(item_ids.tolist())}
-    return [np.array([position[i] for i in ids], np.int64) for ids in catalog.collections["item_ids"]]
+    return [np.array([position[i] for i in ids], np.int64) for ids in catalog.collections["item_ids"].to_list()]
 
 
 def raw_examples(sequences: list[np.ndarray], allowed: np.ndarray, max_items: int, max_examples: int | None,

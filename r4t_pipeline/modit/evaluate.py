@@ -15,19 +15,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import polars as pl
 from scipy.stats import wilcoxon
 
 from r4t_pipeline.diffusion.train import DiffusionRetrieverModel
 from r4t_pipeline.embeddings import CatalogEmbeddings
 from r4t_pipeline.evaluation import mean_and_error
 from r4t_pipeline.io import atomic_dir
-from r4t_pipeline.modit.config import ModitConfig
+from r4t_pipeline.modit.config import BASELINES, METHOD_LABELS, STAGE_OF_METHOD, ModitConfig
 from r4t_pipeline.modit.data import raw_token, task_token
 from r4t_pipeline.modit.methods import (
-    BASELINES,
-    METHOD_LABELS,
-    STAGE_OF_METHOD,
     ExpansionMethod,
     Generator,
     GlobalAttribute,
@@ -100,7 +97,7 @@ def build_methods(data: TaskData, protocol: str, vectors: np.ndarray, searcher: 
 
 
 def evaluate_cell(data: TaskData, protocol: str, vectors: np.ndarray, searcher: ItemSearcher,
-                  models: dict[str, DiffusionRetrieverModel], cfg: ModitConfig) -> tuple[dict, pd.DataFrame]:
+                  models: dict[str, DiffusionRetrieverModel], cfg: ModitConfig) -> tuple[dict, pl.DataFrame]:
     """One task x protocol: summary (JSON-able) and the per-seed-set metrics of every method."""
     ev = cfg.evaluation
     ks, primary = sorted(ev.ks), f"joint@{min(ev.ks)}"
@@ -143,9 +140,9 @@ def evaluate_cell(data: TaskData, protocol: str, vectors: np.ndarray, searcher: 
             "test_patterns_with_train_tail": float(data.has_tail[protocol][test.pattern].mean()),
             "seed_to_train_tail_distance": float(centroid_distance[data.has_tail[protocol][test.pattern]].mean())
             if data.has_tail[protocol][test.pattern].any() else None}
-    frame = pd.concat([pd.DataFrame({"task": data.name, "protocol": protocol, "method": name,
+    frame = pl.concat([pl.DataFrame({"task": data.name, "protocol": protocol, "method": name,
                                      "seed_set": np.arange(len(test)), "pattern": test.pattern, **metrics})
-                       for name, metrics in per_set.items()], ignore_index=True)
+                       for name, metrics in per_set.items()])
     return cell, frame
 
 
@@ -259,7 +256,7 @@ def run_modit_evaluation(tasks: list[TaskData], embeddings: dict[str, CatalogEmb
             (tmp / "evaluation.json").write_text(json.dumps(result, indent=2))
             (tmp / "table.md").write_text(result["table_markdown"] + "\n")
             (tmp / "frontier.png").write_bytes(base64.b64decode(result["frontier_png"]))
-            pd.concat(frames, ignore_index=True).to_parquet(tmp / "per_seed_set.parquet", index=False)
+            pl.concat(frames).write_parquet(tmp / "per_seed_set.parquet")
     return result
 
 

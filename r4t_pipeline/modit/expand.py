@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 
 from r4t_pipeline.catalog import Catalog
 from r4t_pipeline.diffusion.train import DiffusionRetrieverModel
 from r4t_pipeline.embeddings import CatalogEmbeddings
-from r4t_pipeline.modit.config import ModitConfig
+from r4t_pipeline.modit.config import METHOD_LABELS, STAGE_OF_METHOD, ModitConfig
 from r4t_pipeline.modit.evaluate import build_methods
-from r4t_pipeline.modit.methods import METHOD_LABELS, STAGE_OF_METHOD
-from r4t_pipeline.modit.pipeline import ModitLayout
 from r4t_pipeline.modit.retrieval import ItemSearcher
 from r4t_pipeline.modit.tasks import SeedSets, TaskData
 
@@ -59,7 +57,7 @@ def expand(seed_ids: list[str], data: TaskData, catalog: Catalog, embeddings: Ca
     position = {item_id: n for n, item_id in enumerate(embeddings.item_ids.tolist())}
     unknown = [s for s in seed_ids if s not in position]
     if unknown:
-        raise ValueError(f"unknown item id(s) {unknown[:5]} in the {catalog.domain} catalog")
+        raise ValueError(f"unknown item id(s) {unknown[:5]} in the {catalog.name} catalog")
     positions = np.array(list(dict.fromkeys(position[s] for s in seed_ids)))
     outside = [str(embeddings.item_ids[n]) for n in positions if not data.database[n]]
     if outside:
@@ -91,34 +89,20 @@ def expand(seed_ids: list[str], data: TaskData, catalog: Catalog, embeddings: Ca
     seeds = SeedSets.from_lists([positions], [pattern], len(positions))
     retrieved = methods[method].retrieve(seeds, k)[0]
     retrieved = retrieved[retrieved >= 0]
-    items = catalog.items.set_index("item_id")
+    wanted = [str(embeddings.item_ids[n]) for n in [*positions, *retrieved]]
+    items = {row["item_id"]: row for row in catalog.items.filter(pl.col("item_id").is_in(wanted))
+             .select("item_id", "name", "category").iter_rows(named=True)}
 
     def describe(n: int) -> dict:
         item_id = str(embeddings.item_ids[n])
         value = data.values[n]
-        return {"item_id": item_id, "name": str(items.at[item_id, "name"]), "category": str(items.at[item_id,
-                                                                                                       "category"]),
+        return {"item_id": item_id, "name": items[item_id]["name"], "category": items[item_id]["category"],
                 data.task.column: None if np.isnan(value) else float(value), "has_attribute": bool(data.positive[n]),
                 "in_pattern": bool(data.patterns[n] == pattern)}
 
     return Expansion(data.name, method, int(pattern), [describe(n) for n in positions],
                      [describe(int(n)) for n in retrieved], warnings)
 
-
-def expand_from_layout(layout: ModitLayout, catalog: Catalog, embeddings: CatalogEmbeddings, domain: str,
-                       task: str, seed_ids: list[str], *, k: int, method: str, protocol: str) -> Expansion:
-    """`expand` on the outputs of a MO-DiT run: its config, task data, checkpoints and chosen lambda."""
-    cfg = layout.load_config()
-    name = resolve_task(cfg, domain, task)
-    if protocol not in cfg.protocols:
-        raise ValueError(f"unknown protocol {protocol!r}; the run has {cfg.protocols}")
-    lam = None
-    evaluation = layout.evaluation / "evaluation.json"
-    if evaluation.exists():
-        cells = json.loads(evaluation.read_text())["cells"]
-        lam = next((c["lambda"] for c in cells if c["task"] == name and c["protocol"] == protocol), None)
-    return expand(seed_ids, layout.load_task(name), catalog, embeddings, cfg, k=k, method=method, protocol=protocol,
-                  checkpoints=layout.checkpoints([protocol])[protocol], interpolation_lambda=lam)
 
 
 def format_expansion(result: Expansion, column: str) -> str:

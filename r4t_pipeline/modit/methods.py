@@ -15,20 +15,6 @@ from r4t_pipeline.modit.data import centroids, decode_queries, seed_conditions
 from r4t_pipeline.modit.retrieval import ItemSearcher
 from r4t_pipeline.modit.tasks import SeedSets
 
-METHOD_LABELS = {
-    "seed_centroid": "Seed centroid",
-    "global_attribute": "Global attribute retrieval",
-    "predicted_attribute": "Predicted-attribute retrieval (diagnostic)",
-    "interpolation": "Best fixed interpolation",
-    "pretrained": "Stage-1 pretrained generator",
-    "ordered": "Metric-ordered CPT (stage 2)",
-    "modit": "MO-DiT (stage 3)",
-    "hppo": "MO-DiT+HPPO (stage 4)",
-    "hppo_positives_only": "MO-DiT+HPPO query, positives only (diagnostic)",
-}
-BASELINES = ("seed_centroid", "global_attribute", "interpolation")  # the issue's; "best baseline" is one of them
-STAGE_OF_METHOD = {"pretrained": "raw", "ordered": "ordered", "modit": "tail", "hppo": "hppo"}
-
 
 def seed_centroids(vectors: np.ndarray, seeds: SeedSets) -> np.ndarray:
     """(m, d) normalised mean of each seed set's item embeddings."""

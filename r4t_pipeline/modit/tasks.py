@@ -16,6 +16,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import polars as pl
 
 from r4t_pipeline.catalog import Catalog
 from r4t_pipeline.embeddings import CatalogEmbeddings
@@ -32,14 +33,14 @@ def attribute_labels(catalog: Catalog, item_ids: np.ndarray, task: AttributeTask
     """values (NaN = unknown), known, positive (known and >= threshold) in `item_ids` order, and the threshold."""
     items = catalog.items
     if task.column not in items.columns:
-        raise ValueError(f"task {task.name!r}: catalog {catalog.domain!r} has no column {task.column!r} "
+        raise ValueError(f"task {task.name!r}: catalog {catalog.name!r} has no column {task.column!r} "
                          f"(columns: {list(items.columns)})")
-    by_id = items.set_index("item_id")[task.column]
-    missing = np.setdiff1d(item_ids, by_id.index.to_numpy(str))
+    by_id = dict(zip(items["item_id"].to_list(), items[task.column].cast(pl.Float64, strict=False).to_list()))
+    missing = np.setdiff1d(item_ids, np.array(list(by_id), dtype=str))
     if len(missing):
         raise ValueError(f"task {task.name!r}: {len(missing)} embedded item ids are not in catalog "
-                         f"{catalog.domain!r}, e.g. {missing[:3].tolist()}: embeddings and catalog disagree")
-    values = by_id.reindex(item_ids).to_numpy(np.float64)
+                         f"{catalog.name!r}, e.g. {missing[:3].tolist()}: embeddings and catalog disagree")
+    values = np.array([np.nan if by_id[i] is None else by_id[i] for i in item_ids.tolist()], np.float64)
     known = np.isfinite(values)
     if known.sum() < 2:
         raise ValueError(f"task {task.name!r}: column {task.column!r} has {known.sum()} known values")
@@ -283,8 +284,8 @@ def build_task_data(task: AttributeTask, catalog: Catalog, embeddings: CatalogEm
     """Labels, patterns, both protocols' splits, predictors, seed sets and tail centroids of one task; saved to
     `out_dir` when given. Metadata: pattern count and size distribution, label counts, predictor AUCs, seed sets."""
     started = time.perf_counter()
-    if catalog.domain != task.domain:
-        raise ValueError(f"task {task.name!r} is on domain {task.domain!r}, got the {catalog.domain!r} catalog")
+    if catalog.name != task.domain:
+        raise ValueError(f"task {task.name!r} is on domain {task.domain!r}, got the {catalog.name!r} catalog")
     vectors, item_ids = embeddings.items, embeddings.item_ids
     labels = attribute_labels(catalog, item_ids, task)
     known, positive = labels["known"], labels["positive"]

@@ -49,31 +49,6 @@ def time_batches(retriever: Retriever, queries: list[str], batch_sizes: list[int
     return results
 
 
-def time_seed_expansion(method, seeds, batch_sizes: list[int], repeats: int, k: int,
-                        budget_seconds: float) -> dict[str, dict]:
-    """MO-DiT+HPPO latency: seconds per batch of seed sets for an `ExpansionMethod` (query generation and
-    top-k search), the batch cycling through `seeds`; same shape of result as `time_batches`."""
-    results: dict[str, dict] = {}
-    method.retrieve(seeds.subset(np.arange(min(8, len(seeds)))), k)  # warm-up
-    over_budget = False
-    for size in batch_sizes:
-        if over_budget:
-            results[str(size)] = {"skipped": f"a smaller batch took over {budget_seconds:.0f} s on this machine"}
-            continue
-        batch = seeds.subset(np.arange(size) % len(seeds))
-        totals = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            method.retrieve(batch, k)
-            totals.append(time.perf_counter() - started)
-            if totals[-1] > budget_seconds:
-                over_budget = True
-                break
-        results[str(size)] = {"median_seconds": statistics.median(totals), "runs": totals,
-                              "ms_per_seed_set": 1000 * statistics.median(totals) / size}
-    return results
-
-
 def folm_diffusion_ratio(results: dict[str, dict], folm: str, diffusion: str) -> dict[str, float]:
     """How many times slower the autoregressive FOLM is than the diffusion retriever, per batch size."""
     ratios = {}

@@ -82,16 +82,49 @@ def _bench(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.profile)
     catalog = _catalog(settings, args.domain)
-    methods = [ALIASES.get(m, m) for m in args.methods.split(",")] if args.methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    methods = [ALIASES.get(m, m) for m in args.methods.split(",")] if args.methods else None
+    unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
         raise UsageError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.serve:
+        return _bench_serve(args, settings, catalog, methods or settings.serve.methods)
+    methods = methods or list(METHODS)
     records, artefacts = latest_artefacts(settings, catalog, args.regime, methods)
     report = run_benchmark(settings, catalog, args.regime, records["broad_queries"].path, artefacts,
                            args.batch_sizes, args.repeats, args.budget_seconds, methods)
     write_json(args.out, report)
     print(format_table(report["results"], args.batch_sizes))
     print(f"\nwritten to {args.out}")
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace, settings: Settings, catalog: str, methods: list[str]) -> int:
+    from r4t_pipeline.io import write_json
+    from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
+    from r4t_pipeline.queries import load_corpus
+    from r4t_pipeline.records import RecordStore
+
+    not_served = [m for m in methods if m not in settings.serve.methods]
+    if not_served:
+        raise UsageError(f"--methods: {not_served} are not served (serve.methods: {settings.serve.methods})")
+    corpus = RecordStore(settings.records_dir).read(f"{catalog}/broad_queries").path
+    queries = load_corpus(corpus, args.regime, "test")["query"].to_list() or \
+        load_corpus(corpus, args.regime, "train")["query"].to_list()
+    report = serve_benchmark(args.profile or settings.profile, catalog, args.regime, queries, methods,
+                             args.concurrency, args.requests)
+    write_json(args.out, report)
+    print(format_serve_table(report))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from r4t_pipeline.serve import serve
+
+    settings = load_settings(args.profile)
+    for name in args.catalog or []:
+        _catalog(settings, name)
+    serve(settings, args.host or settings.serve.host, args.port or settings.serve.port, args.catalog)
     return 0
 
 
@@ -178,7 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip larger batches of a method once one run exceeds this")
     bench.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     bench.add_argument("--out", type=Path, default=Path("bench.json"))
+    bench.add_argument("--serve", action="store_true",
+                       help="start `r4t serve` on loopback and measure throughput and p50/p95/p99 latency under load")
+    bench.add_argument("--concurrency", type=positive_int_list, default=[1, 8, 32],
+                       help="with --serve: concurrent clients (default 1,8,32)")
+    bench.add_argument("--requests", type=positive_int, default=200,
+                       help="with --serve: requests per method and concurrency level (text methods: a quarter)")
     bench.set_defaults(run=_bench)
+
+    serve = sub.add_parser("serve", help="the retrievers as an HTTP service (FastAPI on uvicorn)")
+    serve.add_argument("--host", default=None,
+                       help="interface to bind (default 127.0.0.1, loopback only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=positive_int, default=None, help="default 8080 (serve.port)")
+    serve.add_argument("--catalog", action="append", default=None, help="serve only this catalog (repeatable)")
+    serve.set_defaults(run=_serve)
 
     expand = sub.add_parser("expand", help="MO-DiT+HPPO: more items in the seeds' pattern with a target attribute")
     expand.add_argument("--domain", "--catalog", dest="domain", default="polyvore")

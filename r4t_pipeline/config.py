@@ -108,3 +108,12 @@ class DiffusionTrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     device: str = "auto"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` laid over `base`, nested mappings merged key by key (profiles, deployment YAML, overrides)."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged

@@ -15,20 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from vendi_score import vendi
 
 from r4t_pipeline.encoders import l2_normalize
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
-from r4t_pipeline.rewards import vendi_score
-
-
-def mean_and_error(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Mean over queries and the bootstrap standard deviation of that mean."""
-    values = np.asarray(values, np.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    return float(values.mean()), float(boots.std())
+from r4t_pipeline.stats import mean_and_error
 
 
 def wscr_pool_metrics(batch: RetrievalBatch, reference_ids: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
@@ -44,7 +35,7 @@ def wscr_pool_metrics(batch: RetrievalBatch, reference_ids: Sequence[Sequence[st
 def run_vendi(runs: Sequence[RetrievalBatch]) -> np.ndarray:
     """Per query: Vendi Score across R runs of the run's representative embedding (its mean direction)."""
     per_query = zip(*[[l2_normalize(f.directions.mean(axis=0)) for f in batch.fanouts] for batch in runs])
-    return np.array([float(vendi_score(np.stack(reps))) for reps in per_query])
+    return np.array([float(vendi.score_X(np.stack(reps), normalize=False)) for reps in per_query])
 
 
 def oar_proxies(batch: RetrievalBatch, retriever: Retriever, query_vectors: np.ndarray) -> dict[str, np.ndarray]:
@@ -53,7 +44,7 @@ def oar_proxies(batch: RetrievalBatch, retriever: Retriever, query_vectors: np.n
     for fanout, query_vector in zip(batch.fanouts, query_vectors):
         retrieved = retriever.index.vectors[[position[i] for ids in fanout.candidate_ids for i in ids]]
         grounded.append(float(np.concatenate(fanout.candidate_scores).mean()))
-        diverse.append((float(vendi_score(retrieved)) - 1) / max(len(retrieved) - 1, 1))
+        diverse.append((float(vendi.score_X(retrieved, normalize=False)) - 1) / max(len(retrieved) - 1, 1))
         aligned.append(float((retrieved @ query_vector).mean()))
     return {name: 100 * np.array(v) for name, v in
             (("groundedness", grounded), ("diversity", diverse), ("alignment", aligned))}

@@ -38,8 +38,9 @@ def groundedness(top1_scores: np.ndarray) -> np.ndarray:
 
 
 def vendi_score(vectors: np.ndarray) -> np.ndarray:
-    """VS = exp(-Σ_i λ_i log λ_i), λ = eigenvalues of S/K, S = V Vᵀ (cosine kernel). Rows unit-norm;
-    (..., K, d) -> (...), in [1, K]."""
+    """VS = exp(-Σ_i λ_i log λ_i), λ = eigenvalues of S/n, S = V Vᵀ (cosine kernel). Rows unit-norm;
+    (..., n, d) -> (...), in [1, n]. The `vendi-score` package computes one set at a time; the reward scores
+    thousands of fan-outs per step, so this batched form stays (tests hold it equal to the package)."""
     v = np.asarray(vectors, np.float64)
     n_rows = v.shape[-2]
     eigenvalues = np.clip(np.linalg.eigvalsh(v @ np.swapaxes(v, -1, -2) / n_rows), 0.0, None)  # drop -1e-17s
@@ -47,9 +48,10 @@ def vendi_score(vectors: np.ndarray) -> np.ndarray:
     return np.exp(-np.sum(eigenvalues * np.log(safe), axis=-1))
 
 
-def diversity(retrieved_item_vectors: np.ndarray) -> np.ndarray:
-    """r_d = VS(E_c(c_1..c_K)) / K, K = the rows there are; (..., K, d) -> (...), in (0, 1]."""
-    return vendi_score(retrieved_item_vectors) / np.asarray(retrieved_item_vectors).shape[-2]
+def diversity(retrieved_item_vectors: np.ndarray, k: int) -> np.ndarray:
+    """r_d = VS(E_c(c_1..c_n)) / K over the n parsed sub-queries' items, K the configured fan-out size (not n:
+    a one-line fan-out must not score maximal diversity); (..., n, d) -> (...), in (0, n / K]."""
+    return vendi_score(retrieved_item_vectors) / k
 
 
 def alignment(sub_vectors: np.ndarray, query_vector: np.ndarray) -> np.ndarray:
@@ -174,7 +176,7 @@ class FanoutScorer:
             members = np.flatnonzero(sizes == size)
             row_ids = starts[members, None] + np.arange(size)  # (members, size)
             batch = {"groundedness": groundedness(scores[row_ids, 0]),
-                     "diversity": diversity(top1_vectors[row_ids]),
+                     "diversity": diversity(top1_vectors[row_ids], self.config.k),
                      "alignment": alignment(rows[row_ids], query_vectors[members])}
             for j, b in enumerate(members):
                 results[b] = {name: float(values[j]) for name, values in batch.items()}

@@ -31,15 +31,17 @@ METHODS = tuple(REGISTERED)
 BASE_RECORD = "r4t_base.json"  # in a folm_base version: which model the zero-shot FOLM is
 
 
-def embedding_space(settings: Settings, show_progress: bool = False) -> EmbeddingSpace:
-    """One loaded encoder per process and configuration (loading MiniLM takes seconds)."""
+def embedding_space(settings: Settings, show_progress: bool = False, cached: bool = True) -> EmbeddingSpace:
+    """One loaded encoder per process and configuration (loading MiniLM takes seconds). `cached=False`: no
+    SQLite cache of the embeddings (a service encodes ever-new queries; a write per request only adds latency)."""
     cfg = settings.encoder
     cache_path = settings.root.parent / "cache" / "embeddings.sqlite"
-    key = (cfg.version(), str(cache_path))
+    key = (cfg.version(), str(cache_path) if cached else None)
     if key not in _SPACES:
         encoder = build_encoder(cfg.kind, model_path=cfg.model_path, architecture=cfg.clip_architecture,
                                 pretrained=cfg.clip_pretrained)
-        _SPACES[key] = EmbeddingSpace(encoder, cfg.dim, EmbeddingCache(cache_path), cfg.batch_size)
+        _SPACES[key] = EmbeddingSpace(encoder, cfg.dim, EmbeddingCache(cache_path) if cached else None,
+                                      cfg.batch_size)
     space = _SPACES[key]
     space.show_progress = show_progress
     return space
@@ -92,11 +94,11 @@ class RetrieverArtefacts:
 
 
 def build_retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts,
-                    sampler: str | None = None, steps: int | None = None) -> Retriever:
-    """Any registered method over the regime's database."""
+                    sampler: str | None = None, steps: int | None = None, cached: bool = True) -> Retriever:
+    """Any registered method over the regime's database (`cached`: see `embedding_space`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    space, index = embedding_space(settings), VectorIndex.load(artefacts.index)
+    space, index = embedding_space(settings, cached=cached), VectorIndex.load(artefacts.index)
     k, train = settings.rewards.k, settings.folm.train
     text_kwargs = {"k": k, "temperature": train.temperature, "max_new_tokens": train.max_new_tokens,
                    "batch_size": train.generation_batch_size}

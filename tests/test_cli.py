@@ -107,3 +107,10 @@ def test_expand_errors_are_one_line(smoke_config, capsys, argv, message):
     assert main(["expand", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("r4t expand: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_best_of_n_retrieves_items_reference_free(smoke_config, capsys):
+    # WSCR's reward needs the reference set, which a user's query does not have: Best-of-N selects without it
+    assert main(["retrieve", "summer linen dress", "--method", "best_of_n", "--regime", "wscr", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == "best_of_n" and payload["directions"] and payload["merged"]

@@ -143,6 +143,10 @@ def test_guidance_zero_is_the_conditional_denoiser():
         guided = guided_denoiser(precond, cond, guidance=0.1)(x, 0.5)
         assert torch.allclose(guided, d_uncond + 1.1 * (d_cond - d_uncond), atol=1e-6)
         assert not torch.allclose(guided, d_cond, atol=1e-4)
+    calls = []
+    counted = lambda *args, **kwargs: calls.append(args[0].shape[0]) or precond(*args, **kwargs)  # noqa: E731
+    guided_denoiser(counted, cond, guidance=0.1)(x, 0.5)
+    assert calls == [8]  # conditional and unconditional estimates in one forward pass over the stacked batch
 
 
 def test_parameter_count_matches_a_built_model():

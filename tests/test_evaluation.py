@@ -2,9 +2,10 @@ import json
 
 import numpy as np
 
-from r4t_pipeline.evaluation import mean_and_error, run_vendi, wscr_pool_metrics
+from r4t_pipeline.evaluation import run_vendi, wscr_pool_metrics
 from r4t_pipeline.report import metrics_table, render_html, render_markdown
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch
+from r4t_pipeline.stats import mean_and_error
 
 
 def _fanout(directions, ids):

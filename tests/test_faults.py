@@ -88,17 +88,34 @@ def test_concurrent_runs_of_the_same_assets_all_succeed_and_leave_loadable_artef
         assert sorted(p.name for p in versions.iterdir()) == [record.version, f"{record.version}.json"]
 
 
-def test_sigterm_stops_diffusion_training_promptly_and_the_next_run_resumes(tmp_path):
+# stage -> (deployment change, its upstream, the checkpoint its run leaves while training, what publishing writes,
+#           how its metadata says it went on from a checkpoint); each run long enough to be caught between two
+#           checkpoints, short enough to finish when resumed
+INTERRUPTIBLE = {
+    "grpo": ("polyvore/oar/folm_checkpoint",
+             {"folm": {**TINY_FOLM, "train": {"steps": 150, "save_every": 2, "group_size": 2, "per_step_queries": 1,
+                                               "max_new_tokens": 16}}},
+             "*.resume/state.json", "*/r4t_folm.json", lambda meta, steps: 0 < meta["resumed_from_step"].value < steps),
+    "diffusion": ("polyvore/oar/diffusion_checkpoint",
+                  {"diffusion": {"train": {"steps": 400, "checkpoint_every": 10, "batch_size": 8}}},
+                  "*.partial/training_state.pt", "*/model.safetensors",
+                  lambda meta, steps: meta["steps"].value == steps and 0 < meta["steps_run"].value < steps),
+}
+
+
+@pytest.mark.parametrize("stage", INTERRUPTIBLE)
+def test_sigterm_stops_training_promptly_and_the_next_run_resumes(tmp_path, stage):
     from mlflow.tracking import MlflowClient
 
-    steps = 400  # long enough to be caught between two checkpoints, short enough to finish when resumed
-    deployment(tmp_path, diffusion={"train": {"steps": steps, "checkpoint_every": 10, "batch_size": 8}})
-    upstream = materialize(tmp_path, "*polyvore/oar/synthetic_targets")
+    asset, changes, checkpoint, published, went_on = INTERRUPTIBLE[stage]
+    deployment(tmp_path, **changes)
+    steps = (changes.get("folm") or changes.get("diffusion"))["train"]["steps"]
+    upstream = materialize(tmp_path, ",".join(f"*{parent}" for parent in _parents(tmp_path, asset)))
     assert upstream.returncode == 0, upstream.stdout[-3000:] + upstream.stderr[-3000:]
-    versions = settings(tmp_path).root / "polyvore" / "oar" / "diffusion_checkpoint" / "versions"
-    run = materialize(tmp_path, "polyvore/oar/diffusion_checkpoint", wait=False)
+    versions = settings(tmp_path).root.joinpath(*asset.split("/"), "versions")
+    run = materialize(tmp_path, asset, wait=False)
     deadline = time.time() + 600
-    while not list(versions.glob("*.partial/training_state.pt")):
+    while not list(versions.glob(checkpoint)):
         assert run.poll() is None and time.time() < deadline, output_of(run)[-3000:]
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)
@@ -113,15 +130,22 @@ def test_sigterm_stops_diffusion_training_promptly_and_the_next_run_resumes(tmp_
     assert interrupted.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "r4t-smoke"]
-    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'polyvore/oar/diffusion_checkpoint'")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{asset}'")
     assert [r.info.status for r in runs] == ["KILLED"]
-    assert not list(versions.glob("*/model.safetensors"))  # no version was published
+    assert not list(versions.glob(published))  # no version was published
 
-    resumed = materialize(tmp_path, "polyvore/oar/diffusion_checkpoint")
+    resumed = materialize(tmp_path, asset)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    event = instance.get_latest_materialization_event(dg.AssetKey(["polyvore", "oar", "diffusion_checkpoint"]))
-    metadata = event.asset_materialization.metadata
-    assert metadata["steps"].value == steps and 0 < metadata["steps_run"].value < steps  # it went on from a checkpoint
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset.split("/")))
+    assert went_on(event.asset_materialization.metadata, steps)  # it went on from a checkpoint
+
+
+def _parents(root: Path, asset: str) -> list[str]:
+    from r4t_pipeline.defs import build_definitions
+
+    graph = build_definitions(settings(root)).resolve_asset_graph()
+    key = dg.AssetKey(asset.split("/"))
+    return sorted(k.to_user_string() for k in graph.get(key).parent_keys)
 
 
 def test_a_catalog_rebuilt_alone_is_refused_by_retrieval_with_what_to_rematerialise(smoke, tmp_path, capsys,
@@ -164,3 +188,38 @@ def test_a_killed_writers_temp_is_swept_and_a_live_one_is_not(tmp_path):
         assert live_tmp.exists()
     assert set(removed) == {leftover, nested} and not leftover.exists() and not nested.exists()
     assert (versions / "abc.partial").is_dir()  # the resumable state of the version being built stays
+
+
+def test_fetch_data_offline_says_what_to_put_where_in_one_line(tmp_path):
+    # a proxy on a closed loopback port: the download fails at once, as on a machine without the internet
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    run = subprocess.run([sys.executable, "-m", "r4t_pipeline.cli", "fetch-data", "--data-dir", str(tmp_path),
+                          "--domains", "djmix"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("r4t fetch-data: missing source data in") and "djmix-dataset.json.gz" in lines[0]
+
+
+def test_a_dj_mix_without_an_id_is_refused_naming_file_and_record(tmp_path):
+    import gzip
+    import json
+
+    from r4t_pipeline.catalog import CatalogError
+    from r4t_pipeline.sources import load_djmix
+
+    path = tmp_path / "djmix" / "djmix-dataset.json.gz"
+    path.parent.mkdir()
+    mixes = [{"id": "m1", "title": "a", "tracklist": [{"id": "t1", "title": "A - B"}]},
+             {"title": "no id", "tracklist": [{"id": "t2", "title": "C - D"}]}]
+    path.write_bytes(gzip.compress(json.dumps(mixes).encode()))
+    with pytest.raises(CatalogError, match=r"djmix-dataset\.json\.gz: mix 1 \(id=None\): has no 'id'"):
+        load_djmix(tmp_path, allow_download=False)
+
+
+def test_a_corrupt_embedding_cache_is_named_with_the_fix(tmp_path):
+    from r4t_pipeline.encoders import EmbeddingCache
+
+    path = tmp_path / "embeddings.sqlite"
+    path.write_bytes(b"not a database, " * 64)
+    with pytest.raises(ValueError, match=rf"{path}: the embedding cache is unreadable .* delete the file"):
+        EmbeddingCache(path)

@@ -128,6 +128,18 @@ def test_soft_ppo_terms():
     assert torch.allclose(advantages, torch.tensor([-0.7071, 0.7071, 0, 0]), atol=1e-4)  # sample std, as TRL
 
 
+def test_kl_estimators_are_never_negative_in_float32_near_rho_one():
+    # the naive forms lose ρ - 1 to cancellation and go negative by an ulp or more near ρ = 1
+    log_ratio = torch.cat([torch.logspace(-9, -1, 400), -torch.logspace(-9, -1, 400), torch.randn(400) * 1e-3])
+    terms = soft_ppo_token_loss(log_ratio[None], torch.zeros(1, 1200), torch.ones(1, 1), 0.2, 0.05, 0.05)
+    assert (terms["kl_forward"] >= 0).all() and (terms["kl_reverse"] >= 0).all()
+    exact = log_ratio.double()
+    forward, reverse = torch.expm1(exact) - exact, exact * torch.exp(exact) - torch.expm1(exact)
+    ulp = 2 * torch.finfo(torch.float32).eps * exact.abs()  # float32 resolves ρ - 1 to about an ulp of log ρ
+    assert ((terms["kl_forward"][0].double() - forward).abs() <= ulp).all()
+    assert ((terms["kl_reverse"][0].double() - reverse).abs() <= ulp).all()
+
+
 def test_policy_update_ratio_is_one_then_kl_acts(tiny_dir):
     model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
     config = FolmTrainConfig(group_size=4, learning_rate=3e-3, max_new_tokens=16, k=K, micro_batch_size=3)

@@ -20,12 +20,13 @@ from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, Temp
 from dagster._core.definitions.data_version import DATA_VERSION_TAG, CachingStaleStatusResolver, StaleStatus
 
 from r4t_pipeline.catalogs import BUILTINS, catalog_registry
+from r4t_pipeline.config import deep_merge
 from r4t_pipeline.defs import build_definitions
 from r4t_pipeline.defs.schedules import RETRAINING_CRON, SCHEDULE_NAME
 from r4t_pipeline.defs.sensors import SENSOR_NAME
 from r4t_pipeline.io import file_sha256
 from r4t_pipeline.records import RecordStore
-from r4t_pipeline.settings import Settings, deep_merge, load_settings
+from r4t_pipeline.settings import Settings, load_settings
 
 SOURCE, CATALOG = "polyvore/catalog_source", "polyvore/catalog"
 FOUNDATION = {CATALOG, "polyvore/item_embeddings", "polyvore/embedding_index", "polyvore/broad_queries",

@@ -56,8 +56,25 @@ def test_vendi_of_identical_vectors_is_one_and_of_orthonormal_vectors_is_k():
     v[3] = 1.0
     assert vendi_score(np.tile(v, (5, 1))) == pytest.approx(1.0, abs=1e-9)
     assert vendi_score(np.eye(5, 8)) == pytest.approx(5.0, abs=1e-9)
-    assert diversity(np.eye(5, 8)) == pytest.approx(1.0, abs=1e-9)
-    assert diversity(np.tile(v, (5, 1))) == pytest.approx(0.2, abs=1e-9)
+    assert diversity(np.eye(5, 8), k=5) == pytest.approx(1.0, abs=1e-9)
+    assert diversity(np.tile(v, (5, 1)), k=5) == pytest.approx(0.2, abs=1e-9)
+    # divided by the configured K, not the rows there are: a one-line fan-out is not maximally diverse
+    assert diversity(np.eye(1, 8), k=10) == pytest.approx(0.1, abs=1e-9)
+    assert diversity(np.eye(5, 8), k=10) == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("case", ["random", "identical", "two_clusters", "single", "orthonormal"])
+def test_batched_vendi_equals_the_vendi_score_package(case):
+    from vendi_score import vendi
+
+    rng = np.random.default_rng(0)
+    sets = {"random": rng.normal(size=(6, 10, 16)), "identical": np.tile(rng.normal(size=(3, 1, 16)), (1, 10, 1)),
+            "two_clusters": np.repeat(rng.normal(size=(4, 2, 16)), 5, axis=1), "single": rng.normal(size=(5, 1, 16)),
+            "orthonormal": np.tile(np.eye(8, 16), (2, 1, 1))}[case]
+    sets = sets / np.linalg.norm(sets, axis=-1, keepdims=True)
+    batched = vendi_score(sets)
+    one_at_a_time = [vendi.score_X(s, normalize=False) for s in sets]
+    np.testing.assert_allclose(batched, one_at_a_time, rtol=1e-9, atol=1e-9)
 
 
 def test_vendi_of_two_vectors_at_60_degrees():

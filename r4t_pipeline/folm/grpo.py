@@ -61,8 +61,12 @@ def soft_ppo_token_loss(
     log_ratio = logps - old_logps
     ratio = log_ratio.exp()
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
-    kl_forward = ratio - 1 - log_ratio  # estimates KL(π_old ‖ π_θ)
-    kl_reverse = ratio * log_ratio - ratio + 1  # estimates KL(π_θ ‖ π_old)
+    # ρ - 1 - log ρ estimates KL(π_old ‖ π_θ), ρ log ρ - ρ + 1 = ρ·log ρ - (ρ - 1) estimates KL(π_θ ‖ π_old). Written
+    # with expm1 (ρ - 1 without cancellation), the reverse term as log ρ·(ρ - 1) minus the forward one (no
+    # first-order cancellation); the clamp removes a last-ulp negative near ρ = 1, where the gradient is ~0 anyway.
+    rho_minus_one = torch.expm1(log_ratio)
+    kl_forward = (rho_minus_one - log_ratio).clamp_min(0)
+    kl_reverse = (log_ratio * rho_minus_one - kl_forward).clamp_min(0)
     clipped = ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))
     return {"loss": -surrogate + beta_forward * kl_forward + beta_reverse * kl_reverse,
             "kl_forward": kl_forward, "kl_reverse": kl_reverse, "clip_fraction": clipped.float()}

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule
+from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule, deep_merge
 from r4t_pipeline.io import stable_hash
 
 Protocol = Literal["item", "pattern"]
@@ -310,8 +310,6 @@ MODIT_PROFILES: dict[str, dict] = {
 
 def modit_config(profile: str | None = None, overrides: dict | None = None) -> ModitConfig:
     """The quality defaults (profile None or "quality"), or a named profile, then explicit overrides."""
-    from r4t_pipeline.settings import deep_merge
-
     if profile not in (None, "quality", *MODIT_PROFILES):
         raise ValueError(f"unknown MO-DiT profile {profile!r}; choose quality or one of {sorted(MODIT_PROFILES)}")
     base = MODIT_PROFILES.get(profile or "quality", {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from scipy.stats import wilcoxon
 
 from r4t_pipeline.diffusion.train import DiffusionRetrieverModel
 from r4t_pipeline.embeddings import CatalogEmbeddings
-from r4t_pipeline.evaluation import mean_and_error
 from r4t_pipeline.io import atomic_dir
 from r4t_pipeline.modit.config import BASELINES, METHOD_LABELS, STAGE_OF_METHOD, ModitConfig
 from r4t_pipeline.modit.data import raw_token, task_token
@@ -34,6 +34,7 @@ from r4t_pipeline.modit.methods import (
 )
 from r4t_pipeline.modit.retrieval import ItemSearcher, expansion_metrics, oracle_joint
 from r4t_pipeline.modit.tasks import SeedSets, TaskData
+from r4t_pipeline.stats import mean_and_error
 
 
 def paired_comparison(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
@@ -277,8 +278,6 @@ def modit_latency(data: TaskData, embeddings: CatalogEmbeddings, checkpoints: di
                   cfg: ModitConfig, protocol: str, batch_sizes: list[int], repeats: int = 3, k: int = 10,
                   budget_seconds: float = 60.0, device: str = "auto") -> dict[str, dict]:
     """Seconds per batch of test seed sets for the MO-DiT+HPPO generator (and the seed centroid, for scale)."""
-    from r4t_pipeline.bench import time_seed_expansion
-
     models = {"hppo": DiffusionRetrieverModel.load(checkpoints["hppo"], device)}
     methods = {m.name: m for m in build_methods(data, protocol, embeddings.items,
                                                 ItemSearcher(embeddings.items, data.database), models, cfg, 0.0)}
@@ -287,3 +286,28 @@ def modit_latency(data: TaskData, embeddings: CatalogEmbeddings, checkpoints: di
     return {name: time_seed_expansion(methods["hppo"], seeds, batch_sizes, repeats, k, budget_seconds),
             "seed_centroid": time_seed_expansion(methods["seed_centroid"], seeds, batch_sizes, repeats, k,
                                                  budget_seconds)}
+
+
+def time_seed_expansion(method, seeds, batch_sizes: list[int], repeats: int, k: int,
+                        budget_seconds: float) -> dict[str, dict]:
+    """MO-DiT+HPPO latency: seconds per batch of seed sets for an `ExpansionMethod` (query generation and
+    top-k search), the batch cycling through `seeds`; same shape of result as `time_batches`."""
+    results: dict[str, dict] = {}
+    method.retrieve(seeds.subset(np.arange(min(8, len(seeds)))), k)  # warm-up
+    over_budget = False
+    for size in batch_sizes:
+        if over_budget:
+            results[str(size)] = {"skipped": f"a smaller batch took over {budget_seconds:.0f} s on this machine"}
+            continue
+        batch = seeds.subset(np.arange(size) % len(seeds))
+        totals = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            method.retrieve(batch, k)
+            totals.append(time.perf_counter() - started)
+            if totals[-1] > budget_seconds:
+                over_budget = True
+                break
+        results[str(size)] = {"median_seconds": statistics.median(totals), "runs": totals,
+                              "ms_per_seed_set": 1000 * statistics.median(totals) / size}
+    return results

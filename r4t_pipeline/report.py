@@ -145,7 +145,7 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
             continue
         parts += [metrics_table(ev), "", _pool_note(ev), _queries_note(ev), "",
                   f"Training reward on {ev['validation_queries']} validation queries. No fan-out has one direction, "
-                  "so its diversity and alignment are 1 by construction (not comparable); no fan-out and "
+                  "so its alignment is 1 and its diversity 1/K by construction (not comparable); no fan-out and "
                   "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
                   reward_table(ev), "",
                   "### Examples", "", _examples_md(ev), ""]

@@ -4,9 +4,9 @@ Per catalog, regime and method it loads the latest materialised artefacts (the r
 writes at each materialisation, refused when built from different upstream versions) and serves:
 
 - `POST /v1/fanout`: broad queries -> per query its directions' items with scores (and sub-queries for the text
-  methods). Requests for the same model that arrive within `max_wait_ms` share one forward pass (micro-batching:
-  query encoding, sampling and search run once for the batch); a bounded queue answers 503 when full, and a
-  request waits at most `request_timeout_seconds` (504).
+  methods). Requests for the same model share one forward pass (micro-batching: query encoding, sampling and
+  search run once for the batch, see `Service._work`); a bounded queue answers 503 when full, and a request
+  waits at most `request_timeout_seconds` (504).
 - `POST /v1/expand`: MO-DiT+HPPO, more items in the seeds' pattern with the task's attribute.
 - `GET /healthz` (200 once models are loaded, else 503), `GET /v1/models`, `GET /metrics` (Prometheus).
 
@@ -218,17 +218,25 @@ class Service:
             raise ApiError(504, f"no answer within {self.cfg.request_timeout_seconds:g} s") from None
 
     async def _work(self, model: LoadedModel) -> None:
-        loop = asyncio.get_running_loop()
+        """Batches: everything already waiting, then up to `max_wait_ms` for as many queries as the last batch
+        had (the clients it answered are about to send their next requests); a lone client never waits."""
+        loop, crowd = asyncio.get_running_loop(), 1
         while True:
             jobs = [await model.queue.get()]
             size, deadline = len(jobs[0].queries), loop.time() + self.cfg.max_wait_ms / 1000
-            while size < self.cfg.max_batch_queries and (wait := deadline - loop.time()) > 0:
-                try:
-                    job = await asyncio.wait_for(model.queue.get(), wait)
-                except TimeoutError:
-                    break
+            while size < self.cfg.max_batch_queries:
+                if model.queue.empty():
+                    if size >= crowd or (wait := deadline - loop.time()) <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(model.queue.get(), wait)
+                    except TimeoutError:
+                        break
+                else:
+                    job = model.queue.get_nowait()
                 jobs.append(job)
                 size += len(job.queries)
+            crowd = size
             self.metrics.queue.labels(model.method).set(model.queue.qsize())
             jobs = [j for j in jobs if not j.future.done()]  # timed out while waiting
             for seed in sorted({j.seed for j in jobs}):  # the sampler draws one seed's noise for a whole batch

@@ -180,7 +180,8 @@ class ServeSettings(Section):
     port: int = 8080
     methods: list[str] = Field(default_factory=lambda: ["r4t_diffusion", "r4t_folm", "no_fanout"])
     max_batch_queries: int = Field(64, ge=1, description="queries per forward pass, at most")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for others")
+    max_wait_ms: float = Field(20.0, ge=0, description="how long a batch may wait for as many queries as the last "
+                                                       "one had (a lone client never waits)")
     max_queue: int = Field(256, ge=1, description="requests waiting per model; more are answered 503")
     request_timeout_seconds: float = Field(30.0, gt=0)
     reload_seconds: float = Field(10.0, gt=0, description="how often newer materialisations are looked for")

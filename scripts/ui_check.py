@@ -28,12 +28,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "r4t_pipeline.definitions"  # the code location's name when dagster dev loads it with -m
-# page name -> (path, names the page must show); an asset group's lineage graph also shows its neighbours
+# page name -> (path, texts the page must show). The asset groups' List tabs: a lineage graph renders only the
+# nodes in its viewport, and with the MO-DiT branch beside them the first ones no longer fit in it. The list cuts
+# long keys in the middle ("polyvore / oar ...sion_checkpoint"), so those assets are known by their descriptions.
 EXPECTED_PAGES = {
-    "polyvore": (f"/locations/{LOCATION}/asset-groups/polyvore",
+    "polyvore": (f"/locations/{LOCATION}/asset-groups/polyvore/list",
                  ("catalog_source", "catalog", "item_embeddings", "embedding_index", "broad_queries", "folm_base")),
-    "polyvore_oar": (f"/locations/{LOCATION}/asset-groups/polyvore_oar",
-                     ("folm_checkpoint", "synthetic_targets", "diffusion_checkpoint")),
+    "polyvore_oar": (f"/locations/{LOCATION}/asset-groups/polyvore_oar/list",
+                     ("synthetic_targets", "Stage 1: the FOLM tuned by GRPO", "Stage 3: the EDM diffusion")),
+    "modit": (f"/locations/{LOCATION}/asset-groups/modit/list",
+              ("MO-DiT task polyvore_likes", "MO-DiT stage 1", "MO-DiT stage 4", "MO-DiT+HPPO against")),
     "automation": ("/automation", ("catalog_source_sensor", "weekly_retraining")),
 }
 # headless, and nothing that would reach outside this machine

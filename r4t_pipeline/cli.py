@@ -129,37 +129,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _expand(args: argparse.Namespace) -> int:
-    from r4t_pipeline.catalog import Catalog
-    from r4t_pipeline.embeddings import CatalogEmbeddings
-    from r4t_pipeline.modit.config import STAGES
-    from r4t_pipeline.modit.expand import expand, format_expansion, resolve_task
-    from r4t_pipeline.modit.tasks import TaskData
-    from r4t_pipeline.records import RecordStore, check_consistent
+    from r4t_pipeline.modit.artefacts import latest_expansion
+    from r4t_pipeline.modit.expand import expand, format_expansion
+    from r4t_pipeline.records import RecordStore
 
     settings = load_settings(args.profile)
     catalog, cfg = _catalog(settings, args.domain), settings.modit
-    if not any(t.domain == catalog for t in cfg.tasks):
-        raise UsageError(f"no MO-DiT attribute task on catalog {catalog!r} (modit.tasks in $R4T_CONFIG)")
-    task = resolve_task(cfg, catalog, args.task)
-    if args.protocol not in cfg.protocols:
-        raise UsageError(f"--protocol {args.protocol}: not trained; configured: {', '.join(cfg.protocols)}")
-    store = RecordStore(settings.records_dir)
-    stages = {stage: f"modit/{args.protocol}/{stage}" for stage in STAGES}
-    records = {a: store.read(a) for a in (f"{catalog}/catalog", f"{catalog}/item_embeddings",
-                                          f"modit/{task}/task_data", *stages.values())}
-    lam = None
-    if store.file("modit/evaluation").is_file():  # the interpolation's lambda, chosen on validation
-        evaluation = store.read("modit/evaluation")
-        check_consistent([*records.values(), evaluation])
-        cells = json.loads((Path(evaluation.path) / "evaluation" / "evaluation.json").read_text())["cells"]
-        lam = next((c["lambda"] for c in cells if c["task"] == task and c["protocol"] == args.protocol), None)
-    check_consistent(records.values())
-    data = TaskData.load(Path(records[f"modit/{task}/task_data"].path) / "task")
-    result = expand(args.seeds.split(","), data, Catalog.load(records[f"{catalog}/catalog"].path),
-                    CatalogEmbeddings.load(records[f"{catalog}/item_embeddings"].path), cfg, k=args.k,
-                    method=args.method, protocol=args.protocol,
-                    checkpoints={stage: records[asset].model for stage, asset in stages.items()},
-                    interpolation_lambda=lam)
+    found = latest_expansion(RecordStore(settings.records_dir), cfg, catalog, args.task, args.protocol)
+    data, items, embeddings = found.load()
+    result = expand(args.seeds.split(","), data, items, embeddings, cfg, k=args.k, method=args.method,
+                    protocol=args.protocol, checkpoints=found.checkpoints(),
+                    interpolation_lambda=found.interpolation_lambda())
     for warning in result.warnings:
         print(f"r4t expand: warning: {warning}", file=sys.stderr)
     if args.json:

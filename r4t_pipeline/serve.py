@@ -293,52 +293,30 @@ class Service:
                     for f in fanouts]}
 
     def expand(self, request: ExpandRequest) -> dict:
-        from r4t_pipeline.catalog import Catalog
-        from r4t_pipeline.embeddings import CatalogEmbeddings
-        from r4t_pipeline.modit.config import METHOD_LABELS, STAGES
-        from r4t_pipeline.modit.expand import expand, resolve_task
-        from r4t_pipeline.modit.tasks import TaskData
-        from r4t_pipeline.records import check_consistent
+        from r4t_pipeline.modit.artefacts import latest_expansion
+        from r4t_pipeline.modit.config import METHOD_LABELS
+        from r4t_pipeline.modit.expand import expand
 
-        cfg = self.settings.modit
         if request.catalog not in self.catalogs:
             raise ApiError(404, f"unknown catalog {request.catalog!r}; served: {', '.join(self.catalogs)}")
         if request.method not in METHOD_LABELS:
             raise ApiError(422, f"unknown method {request.method!r}; choose one of {', '.join(METHOD_LABELS)}")
+        cfg = self.settings.modit
         try:
-            task = resolve_task(cfg, request.catalog, request.task)
-        except ValueError as err:
+            found = latest_expansion(self.store, cfg, request.catalog, request.task, request.protocol)
+        except ValueError as err:  # no such task or protocol
             raise ApiError(404, str(err)) from None
-        if request.protocol not in cfg.protocols:
-            raise ApiError(404, f"protocol {request.protocol!r} is not trained; configured: {cfg.protocols}")
-        assets = [f"{request.catalog}/catalog", f"{request.catalog}/item_embeddings", f"modit/{task}/task_data",
-                  *(f"modit/{request.protocol}/{s}" for s in STAGES)]
-        try:
-            records = {a: self.store.read(a) for a in assets}
-            check_consistent(records.values())
         except (FileNotFoundError, ArtefactMismatch) as err:
             raise ApiError(503, " ".join(str(err).split())) from None
-        key = tuple(r.version for r in records.values())
-        if key not in self._expand_cache:  # a new materialisation makes a new key: reloaded on first use
-            self._expand_cache = {key: (TaskData.load(Path(records[assets[2]].path) / "task"),
-                                        Catalog.load(records[assets[0]].path),
-                                        CatalogEmbeddings.load(records[assets[1]].path))}
-        data, catalog, embeddings = self._expand_cache[key]
-        lam = self._interpolation_lambda(task, request.protocol) if request.method == "interpolation" else None
+        if found.versions not in self._expand_cache:  # a new materialisation: loaded on first use
+            self._expand_cache = {found.versions: (*found.load(), found.interpolation_lambda())}
+        data, catalog, embeddings, lam = self._expand_cache[found.versions]
         try:
             result = expand(request.seeds, data, catalog, embeddings, cfg, k=request.k, method=request.method,
-                            protocol=request.protocol, interpolation_lambda=lam,
-                            checkpoints={s: records[f"modit/{request.protocol}/{s}"].model for s in STAGES})
+                            protocol=request.protocol, checkpoints=found.checkpoints(), interpolation_lambda=lam)
         except ValueError as err:  # unknown ids, seeds without the attribute, a method without its lambda
             raise ApiError(422, str(err)) from None
         return {"catalog": request.catalog, "protocol": request.protocol, **result.__dict__}
-
-    def _interpolation_lambda(self, task: str, protocol: str) -> float | None:
-        if not self.store.file("modit/evaluation").is_file():
-            return None
-        path = Path(self.store.read("modit/evaluation").path) / "evaluation" / "evaluation.json"
-        cells = json.loads(path.read_text())["cells"]
-        return next((c["lambda"] for c in cells if c["task"] == task and c["protocol"] == protocol), None)
 
     def describe_models(self) -> dict:
         out = []

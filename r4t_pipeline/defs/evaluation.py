@@ -7,11 +7,12 @@ from pathlib import Path
 import dagster as dg
 
 from r4t_pipeline.bench import format_table, run_benchmark
-from r4t_pipeline.defs.modit import EVALUATION_DIR, EVALUATION_KEY
-from r4t_pipeline.defs.modit import LATENCY_FILE as MODIT_LATENCY_FILE
+from r4t_pipeline.defs.modit import EVALUATION_KEY
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.evaluation import run_evaluation
+from r4t_pipeline.modit.artefacts import EVALUATION_DIR
+from r4t_pipeline.modit.artefacts import LATENCY_FILE as MODIT_LATENCY_FILE
 from r4t_pipeline.records import FileRecord, Record
 from r4t_pipeline.report import latency_figure, metrics_table, render_html, render_markdown, reward_figure, reward_table
 from r4t_pipeline.settings import Settings

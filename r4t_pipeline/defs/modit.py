@@ -9,23 +9,21 @@ import dagster as dg
 from r4t_pipeline.defs.production import Production, code_version, retry_transient
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.io import write_json
+from r4t_pipeline.modit import artefacts as layout
 from r4t_pipeline.modit.config import STAGES, ModitConfig
 from r4t_pipeline.records import FileRecord, ModelRecord, Record
 from r4t_pipeline.settings import Settings
 
 GROUP = "modit"
-TASK_DIR, EVALUATION_DIR, LATENCY_FILE = "task", "evaluation", "latency.json"  # evaluation/: modit.evaluate's files
+EVALUATION_KEY = layout.EVALUATION.split("/")
 
 
 def task_key(task: str) -> list[str]:
-    return ["modit", task, "task_data"]
+    return layout.task_asset(task).split("/")
 
 
 def stage_key(protocol: str, stage: str) -> list[str]:
-    return ["modit", protocol, stage]
-
-
-EVALUATION_KEY = ["modit", "evaluation"]
+    return layout.stage_asset(protocol, stage).split("/")
 
 
 def _shared_ins(cfg: ModitConfig, catalogs: bool = False) -> dict[str, dg.AssetIn]:
@@ -45,7 +43,7 @@ def _load_shared(inputs: dict[str, Record]):
     def loaded(prefix: str, load) -> dict:
         return {k.removeprefix(prefix): load(Path(r.path)) for k, r in inputs.items() if k.startswith(prefix)}
 
-    tasks = loaded("task__", lambda p: TaskData.load(p / TASK_DIR))
+    tasks = loaded("task__", lambda p: TaskData.load(p / layout.TASK_DIR))
     return (list(tasks.values()), loaded("emb__", CatalogEmbeddings.load), loaded("cat__", Catalog.load))
 
 
@@ -71,7 +69,7 @@ def task_asset(settings: Settings, name: str):
             return reused
         with production.writing() as tmp:
             data = build_task_data(task, Catalog.load(catalog.path), CatalogEmbeddings.load(item_embeddings.path),
-                                   cfg, tmp / TASK_DIR)
+                                   cfg, tmp / layout.TASK_DIR)
         meta = data.meta
         return production.output(production.record(FileRecord), {
             "threshold": data.threshold, "predictor_auc": dg.MetadataValue.json(data.predictor_auc),
@@ -82,7 +80,7 @@ def task_asset(settings: Settings, name: str):
     def splits_are_disjoint(task_data: FileRecord) -> dg.AssetCheckResult:
         from r4t_pipeline.modit.tasks import TaskData, check_splits
 
-        problems = check_splits(TaskData.load(Path(task_data.path) / TASK_DIR))
+        problems = check_splits(TaskData.load(Path(task_data.path) / layout.TASK_DIR))
         return dg.AssetCheckResult(passed=not any(problems.values()),
                                    metadata={"violations": {k: v for k, v in problems.items() if v}})
 
@@ -149,13 +147,13 @@ def evaluation_asset(settings: Settings):
         batch_sizes, first = settings.evaluation.latency_batch_sizes, tasks[0]
         with mlflow.run("modit/evaluation", params=cfg.evaluation.model_dump()) as run, \
                 production.writing() as tmp:
-            result = run_modit_evaluation(tasks, embeddings, checkpoints, cfg, tmp / EVALUATION_DIR)
+            result = run_modit_evaluation(tasks, embeddings, checkpoints, cfg, tmp / layout.EVALUATION_DIR)
             latency = {"task": first.name, "protocol": cfg.protocols[0], "batch_sizes": batch_sizes,
                        "results": modit_latency(first, embeddings[first.task.domain], checkpoints[cfg.protocols[0]],
                                                 cfg, cfg.protocols[0], batch_sizes,
                                                 settings.evaluation.latency_repeats,
                                                 budget_seconds=settings.evaluation.latency_budget_seconds)}
-            write_json(tmp / LATENCY_FILE, latency)
+            write_json(tmp / layout.LATENCY_FILE, latency)
             run.log(0, flat_metrics(result))
         return production.output(production.record(FileRecord), {
             "table": dg.MetadataValue.md(result["table_markdown"]),

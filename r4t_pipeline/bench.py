@@ -6,14 +6,13 @@ over `budget_seconds`) skip the larger sizes, and the JSON says so."""
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from importlib.metadata import version
 
 import numpy as np
 import torch
 
 from r4t_pipeline.retrievers import Retriever
+from r4t_pipeline.timing import time_by_batch_size
 
 
 def machine() -> dict:
@@ -25,28 +24,14 @@ def machine() -> dict:
 
 def time_batches(retriever: Retriever, queries: list[str], batch_sizes: list[int], repeats: int, pool_size: int,
                  budget_seconds: float) -> dict[str, dict]:
-    """{batch size: {median_seconds, runs, fanout_median_seconds}} or {skipped: reason}."""
-    results: dict[str, dict] = {}
+    """{batch size: {median_seconds, runs, fanout_median_seconds, ms_per_query}} or {skipped: reason}."""
     retriever.retrieve(queries[:min(8, len(queries))], pool_size, seed=0)  # warm-up: lazy init, caches, kernels
-    over_budget = False
-    for size in batch_sizes:
-        if over_budget:
-            results[str(size)] = {"skipped": f"a smaller batch took over {budget_seconds:.0f} s on this machine"}
-            continue
-        batch = [queries[i % len(queries)] for i in range(size)]
-        totals, fanouts = [], []
-        for r in range(repeats):
-            started = time.perf_counter()
-            out = retriever.retrieve(batch, pool_size, seed=r)
-            totals.append(time.perf_counter() - started)
-            fanouts.append(out.fanout_seconds)
-            if totals[-1] > budget_seconds:
-                over_budget = True
-                break
-        results[str(size)] = {"median_seconds": statistics.median(totals), "runs": totals,
-                              "fanout_median_seconds": statistics.median(fanouts),
-                              "ms_per_query": 1000 * statistics.median(totals) / size}
-    return results
+
+    def run(batch: list[str], repeat: int) -> dict[str, float]:
+        return {"fanout_median_seconds": retriever.retrieve(batch, pool_size, seed=repeat).fanout_seconds}
+
+    return time_by_batch_size(lambda size: [queries[i % len(queries)] for i in range(size)], run, batch_sizes,
+                              repeats, budget_seconds, "query")
 
 
 def folm_diffusion_ratio(results: dict[str, dict], folm: str, diffusion: str) -> dict[str, float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +15,11 @@ import httpx
 import pytest
 from conftest import POLYVORE
 
+from r4t_pipeline.loadgen import free_port
 from r4t_pipeline.records import RecordStore
 from r4t_pipeline.settings import load_settings
 
 SERVE = {"reload_seconds": 0.2, "max_wait_ms": 30, "max_queue": 64, "request_timeout_seconds": 60}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Running:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from r4t_pipeline.modit.methods import (
 from r4t_pipeline.modit.retrieval import ItemSearcher, expansion_metrics, oracle_joint
 from r4t_pipeline.modit.tasks import SeedSets, TaskData
 from r4t_pipeline.stats import mean_and_error
+from r4t_pipeline.timing import time_by_batch_size
 
 
 def paired_comparison(a: np.ndarray, b: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
@@ -291,23 +291,11 @@ def modit_latency(data: TaskData, embeddings: CatalogEmbeddings, checkpoints: di
 def time_seed_expansion(method, seeds, batch_sizes: list[int], repeats: int, k: int,
                         budget_seconds: float) -> dict[str, dict]:
     """MO-DiT+HPPO latency: seconds per batch of seed sets for an `ExpansionMethod` (query generation and
-    top-k search), the batch cycling through `seeds`; same shape of result as `time_batches`."""
-    results: dict[str, dict] = {}
+    top-k search), the batch cycling through `seeds`; same shape of result as `bench.time_batches`."""
     method.retrieve(seeds.subset(np.arange(min(8, len(seeds)))), k)  # warm-up
-    over_budget = False
-    for size in batch_sizes:
-        if over_budget:
-            results[str(size)] = {"skipped": f"a smaller batch took over {budget_seconds:.0f} s on this machine"}
-            continue
-        batch = seeds.subset(np.arange(size) % len(seeds))
-        totals = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            method.retrieve(batch, k)
-            totals.append(time.perf_counter() - started)
-            if totals[-1] > budget_seconds:
-                over_budget = True
-                break
-        results[str(size)] = {"median_seconds": statistics.median(totals), "runs": totals,
-                              "ms_per_seed_set": 1000 * statistics.median(totals) / size}
-    return results
+
+    def run(batch, repeat: int) -> None:
+        method.retrieve(batch, k)
+
+    return time_by_batch_size(lambda size: seeds.subset(np.arange(size) % len(seeds)), run, batch_sizes, repeats,
+                              budget_seconds, "seed_set")

@@ -1,7 +1,7 @@
 """Fan-out latency benchmark (SPEC §7): wall-clock time per batch for every method, in one process on
-one machine; warm-up excluded, median over repeats. The diffusion retriever runs with the paper's SDE
-sampler (256 steps) and with few-step Heun. Methods too slow for a batch size on this machine (one run
-over `budget_seconds`) skip the larger sizes, and the JSON says so."""
+one machine; warm-up excluded, median over repeats. The diffusion retriever runs with its configured sampler
+(the evaluated one) and with the paper's SDE sampler (256 steps). Methods too slow for a batch size on this
+machine (one run over `budget_seconds`) skip the larger sizes, and the JSON says so."""
 
 from __future__ import annotations
 
@@ -59,18 +59,27 @@ def sample_queries(texts: list[str], n: int, seed: int = 0) -> list[str]:
     return [texts[i] for i in rng.permutation(len(texts))[:n]]
 
 
-def run_benchmark(settings, catalog: str, regime: str, corpus_path: str, artefacts, batch_sizes: list[int],
-                  repeats: int, budget_seconds: float, methods: list[str] | None = None, heun_steps: int = 16) -> dict:
-    """Time every method (default: all five, the diffusion retriever with both samplers) on test queries.
-    `artefacts`: the `stack.RetrieverArtefacts` of this catalog and regime."""
-    from r4t_pipeline import stack
+def benchmark_queries(corpus_path: str, regime: str) -> list[str]:
+    """The regime's test queries (its training queries where a catalog has no test split)."""
     from r4t_pipeline.queries import load_corpus
 
-    queries = load_corpus(corpus_path, regime, "test")["query"].to_list() or \
+    return load_corpus(corpus_path, regime, "test")["query"].to_list() or \
         load_corpus(corpus_path, regime, "train")["query"].to_list()
+
+
+def run_benchmark(settings, catalog: str, regime: str, corpus_path: str, artefacts, batch_sizes: list[int],
+                  repeats: int, budget_seconds: float, methods: list[str] | None = None) -> dict:
+    """Time every method (default: all, the diffusion retriever with its configured sampler and with the paper's
+    SDE) on test queries. `artefacts`: the `stack.RetrieverArtefacts` of this catalog and regime."""
+    from r4t_pipeline import stack
+    from r4t_pipeline.diffusion.train import DEFAULT_SAMPLER_STEPS
+
+    queries = benchmark_queries(corpus_path, regime)
     pool = settings.rewards.k if regime == "oar" else settings.rewards.k * settings.evaluation.per_direction
+    sampler = settings.diffusion.sampler
+    steps = settings.diffusion.sampler_steps or DEFAULT_SAMPLER_STEPS[sampler]
     variants = {"r4t_diffusion_sde256": ("r4t_diffusion", "sde", 256),
-                f"r4t_diffusion_heun{heun_steps}": ("r4t_diffusion", "heun", heun_steps)}
+                f"r4t_diffusion_{sampler}{steps}": ("r4t_diffusion", sampler, steps)}
     names = [m for m in (methods or stack.METHODS) if m != "r4t_diffusion"]
     if methods is None or "r4t_diffusion" in methods:
         names += list(variants)

@@ -99,19 +99,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace, settings: Settings, catalog: str, methods: list[str]) -> int:
+    from r4t_pipeline.bench import benchmark_queries
     from r4t_pipeline.io import write_json
     from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
-    from r4t_pipeline.queries import load_corpus
     from r4t_pipeline.records import RecordStore
 
     not_served = [m for m in methods if m not in settings.serve.methods]
     if not_served:
         raise UsageError(f"--methods: {not_served} are not served (serve.methods: {settings.serve.methods})")
-    corpus = RecordStore(settings.records_dir).read(f"{catalog}/broad_queries").path
-    queries = load_corpus(corpus, args.regime, "test")["query"].to_list() or \
-        load_corpus(corpus, args.regime, "train")["query"].to_list()
-    report = serve_benchmark(args.profile or settings.profile, catalog, args.regime, queries, methods,
-                             args.concurrency, args.requests)
+    queries = benchmark_queries(RecordStore(settings.records_dir).read(f"{catalog}/broad_queries").path, args.regime)
+    report = serve_benchmark(settings, catalog, args.regime, queries, methods, args.concurrency, args.requests)
     write_json(args.out, report)
     print(format_serve_table(report))
     print(f"\nwritten to {args.out}")

@@ -108,6 +108,9 @@ class DiffusionTrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     device: str = "auto"
+    # Data parallel: `processes` workers (GPUs, or CPU processes over gloo) share each global batch of `batch_size`;
+    # the run is the same as in one process (same batches, averaged gradients), only faster.
+    processes: int = Field(1, ge=1)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

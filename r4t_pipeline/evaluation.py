@@ -7,7 +7,9 @@ OAR: embedding proxies, on 0-100, of the paper's LLM-judge dimensions:
   groundedness = mean cos(retrieved collection, the direction that retrieved it)
   diversity    = (VS(retrieved collections) - 1) / (K - 1)   (Vendi, cosine kernel; duplicates count)
   alignment    = mean cos(retrieved collection, E_q(query))
-Every number is a mean over queries with a bootstrap standard error over queries.
+Every number is a mean over queries with a bootstrap standard error over queries. R4T-Diffusion is also evaluated
+at a sweep of Heun step counts, each with its fan-out latency at batch 8, so the sampler's cost is read off beside
+what it buys.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from vendi_score import vendi
 
+from r4t_pipeline.bench import time_batches
 from r4t_pipeline.encoders import l2_normalize
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
@@ -141,21 +144,32 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
         from r4t_pipeline.judge import LLMJudge
 
         judge = LLMJudge(cfg.llm_judge_url, cfg.llm_judge_model, cfg.llm_judge_api_key_env, seed=cfg.seed)
+
+    def evaluate(retriever: Retriever, judged: bool = True) -> dict[str, tuple[float, float]]:
+        if regime == "wscr":
+            return evaluate_wscr(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs, cfg.seed)
+        return evaluate_oar(retriever, queries, k, cfg.seed, judge if judged else None, label)
+
     metrics, examples, rewards = {}, {}, {}
     for method in methods or stack.METHODS:
         retriever = stack.build_retriever(settings, regime, method, artefacts)
         rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
-        if regime == "wscr":
-            metrics[method] = evaluate_wscr(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs,
-                                            cfg.seed)
-        else:
-            metrics[method] = evaluate_oar(retriever, queries, k, cfg.seed, judge, label)
+        metrics[method] = evaluate(retriever)
         if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
             batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
             examples[method] = [{"query": f.query, "directions": [
                 {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
                 for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
-    return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards}
+    sweep = {}
+    if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer steps give up
+        for steps in cfg.heun_sweep:
+            retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler="heun", steps=steps)
+            timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
+                                  cfg.latency_budget_seconds)["8"]
+            sweep[str(steps)] = {"metrics": evaluate(retriever, judged=False),  # the proxies; judge calls cost
+                                 "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))}
+    return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards,
+            "diffusion_sampling": settings.diffusion.sampling(), "heun_sweep": sweep}
 
 
 def _labeller(catalog, regime: str):

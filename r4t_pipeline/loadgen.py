@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import httpx
 import numpy as np
 
 from r4t_pipeline.bench import machine
+from r4t_pipeline.settings import CONFIG_ENV, PROFILE_ENV, Settings
 
 
 def free_port() -> int:
@@ -54,13 +57,18 @@ async def drive(url: str, bodies: list[dict], concurrency: int, requests: int, t
 
 
 @contextlib.contextmanager
-def running_service(profile: str | None, catalog: str, startup_timeout: float = 600):
-    """`r4t serve` in a child process on a free loopback port; yields its base URL once /healthz says ready."""
+def running_service(settings: Settings, catalog: str, startup_timeout: float = 600):
+    """`r4t serve` with these very settings (handed over as its configuration file) in a child process on a free
+    loopback port; yields its base URL once /healthz says ready."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="r4t-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    cmd = [sys.executable, "-m", "r4t_pipeline.cli", *(["--profile", profile] if profile else []), "serve",
-           "--host", "127.0.0.1", "--port", str(port), "--catalog", catalog]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    config = tempfile.NamedTemporaryFile("w", prefix="r4t-serve-", suffix=".yaml", delete=False)  # noqa: SIM115
+    with config:
+        json.dump(settings.model_dump(mode="json"), config)  # JSON is YAML
+    cmd = [sys.executable, "-m", "r4t_pipeline.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--catalog", catalog]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, CONFIG_ENV: config.name, PROFILE_ENV: settings.profile})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + startup_timeout
@@ -84,14 +92,15 @@ def running_service(profile: str | None, catalog: str, startup_timeout: float = 
             server.wait()
         log.close()
         Path(log.name).unlink(missing_ok=True)
+        Path(config.name).unlink(missing_ok=True)
 
 
-def serve_benchmark(profile: str | None, catalog: str, regime: str, queries: list[str], methods: list[str],
+def serve_benchmark(settings: Settings, catalog: str, regime: str, queries: list[str], methods: list[str],
                     concurrencies: list[int], requests: int, timeout: float = 60.0) -> dict:
     """Every method at every concurrency, one query per request; the text methods get fewer requests when a
     request takes seconds (`requests` // 4, at least 2 per client) so that the run stays bounded."""
     results: dict[str, dict] = {}
-    with running_service(profile, catalog) as base:
+    with running_service(settings, catalog) as base:
         url = f"{base}/v1/fanout"
         for method in methods:
             # the default seed, as a client would send: requests with the same seed share a forward pass
@@ -110,7 +119,10 @@ def serve_benchmark(profile: str | None, catalog: str, regime: str, queries: lis
         ratio = {c: round(results["r4t_diffusion"][c]["throughput_rps"] / results["r4t_folm"][c]["throughput_rps"], 2)
                  for c in results["r4t_diffusion"] if c in results["r4t_folm"]}
     return {"machine": machine(), "catalog": catalog, "regime": regime,
-            "config": {"concurrency": concurrencies, "requests": requests, "methods": methods, "profile": profile},
+            "config": {"concurrency": concurrencies, "requests": requests, "methods": methods,
+                       "profile": settings.profile, "sampling": settings.diffusion.sampling(),
+                       "serve_sampler_steps": settings.serve.sampler_steps,
+                       "torch_threads": settings.serve.torch_threads, "max_wait_ms": settings.serve.max_wait_ms},
             "results": results, "diffusion_over_folm_throughput": ratio, "batch_metrics": batch_lines}
 
 

@@ -52,6 +52,24 @@ def reward_table(evaluation: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep_table(evaluation: dict) -> str:
+    """R4T-Diffusion at each swept Heun step count: the headline metrics and the fan-out latency at batch 8."""
+    sweep = evaluation.get("heun_sweep") or {}
+    if not sweep:
+        return ""
+    columns = list(OAR_COLUMNS) if evaluation["regime"] == "oar" else [f"recall@{p}" for p in evaluation["pools"]]
+    rows = ["| Heun steps (network calls) | " + " | ".join(columns) + " | fan-out ms, batch 8 |",
+            "|---" * (len(columns) + 2) + "|"]
+    for steps, row in sorted(sweep.items(), key=lambda item: int(item[0])):
+        rows.append(f"| {steps} ({2 * int(steps) - 1}) | " + " | ".join(_cell(row["metrics"][c]) for c in columns)
+                    + f" | {row['fanout_ms_batch8']:.1f} |")
+    sampling = evaluation.get("diffusion_sampling", {})
+    evaluated = (f"The table above samples with {sampling.get('sampler')}, "
+                 f"{sampling.get('sampler_steps') or 'its default'} steps, guidance w = {sampling.get('guidance')}. "
+                 if sampling else "")
+    return "\n".join(rows) + f"\n\n{evaluated}Fan-out latency includes query encoding (median, this machine)."
+
+
 def _pool_note(evaluation: dict) -> str:
     if evaluation["regime"] == "oar":
         return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
@@ -134,6 +152,21 @@ def modit_markdown(evaluation: dict, latency: dict | None) -> list[str]:
     return parts
 
 
+def serve_markdown(serve: dict) -> list[str]:
+    """`r4t serve` under closed-loop load on this machine: one query per request, the load generator included."""
+    from r4t_pipeline.loadgen import format_serve_table
+
+    cfg = serve["config"]
+    steps = cfg.get("serve_sampler_steps") or cfg.get("sampling", {}).get("sampler_steps") or "default"
+    ratio = ", ".join(f"{c} clients {r}x" for c, r in serve.get("diffusion_over_folm_throughput", {}).items())
+    return [f"#### Served over HTTP (`r4t serve`, {serve['catalog']} {serve['regime'].upper()})", "",
+            format_serve_table(serve), "",
+            f"Closed loop: each client sends its next request when answered; latencies in ms include HTTP, query "
+            f"encoding, micro-batched sampling and search. R4T-Diffusion served with {steps} sampler steps "
+            f"(the sweep above gives their quality); {cfg.get('torch_threads') or 'all'} torch thread(s); the load "
+            f"generator runs on the same machine. Throughput, R4T-Diffusion over R4T-FOLM: {ratio or 'n/a'}.", ""]
+
+
 def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict | None = None,
                     modit_latency: dict | None = None) -> str:
     parts = ["# R4T evaluation report", ""]
@@ -147,8 +180,10 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
                   f"Training reward on {ev['validation_queries']} validation queries. No fan-out has one direction, "
                   "so its alignment is 1 and its diversity 1/K by construction (not comparable); no fan-out and "
                   "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
-                  reward_table(ev), "",
-                  "### Examples", "", _examples_md(ev), ""]
+                  reward_table(ev), ""]
+        if sweep := sweep_table(ev):
+            parts += ["### R4T-Diffusion: sampler steps against quality and latency", "", sweep, ""]
+        parts += ["### Examples", "", _examples_md(ev), ""]
     if benchmarks:
         from r4t_pipeline.bench import format_table
 
@@ -159,6 +194,8 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
                       format_table(benchmark["results"], sizes), "",
                       f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
                       "n/a = skipped after exceeding the time budget.", ""]
+            if serve := benchmark.get("serve"):
+                parts += serve_markdown(serve)
     if modit:
         parts += modit_markdown(modit, modit_latency)
     return "\n".join(parts)

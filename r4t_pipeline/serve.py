@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -352,7 +353,9 @@ def create_app(settings: Settings, catalogs: list[str] | None = None) -> FastAPI
     service = Service(settings, catalogs)
 
     async def refresh() -> None:
-        await asyncio.to_thread(service.refresh)
+        if await asyncio.to_thread(service.refresh):
+            # the models' millions of objects out of the collector's sight: no full collection walks them mid-request
+            gc.freeze()
         for model in service.models.values():
             if model.worker is None:
                 service.start(model)
@@ -412,13 +415,14 @@ def create_app(settings: Settings, catalogs: list[str] | None = None) -> FastAPI
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/fanout")
-    async def fanout(body: FanoutRequest, request: Request) -> dict:
+    async def fanout(body: FanoutRequest, request: Request) -> JSONResponse:
         texts = body.texts(service.cfg.max_query_chars, service.cfg.max_queries_per_request)
         model = service.model_for(body)
         request.state.method = model.method
         pool = body.pool or body.k * (service.settings.rewards.k if model.method != "no_fanout" else 1)
         fanouts, versions = await service.submit(model, texts, pool, body.seed)
-        return service.fanout_payload(model, fanouts, versions, body.k)
+        # plain JSON types already: skipping FastAPI's recursive encoder saves ~0.5 ms of the event loop per answer
+        return JSONResponse(service.fanout_payload(model, fanouts, versions, body.k))
 
     @app.post("/v1/expand")
     async def expand(body: ExpandRequest, request: Request) -> dict:

@@ -72,8 +72,8 @@ def test_bench_writes_json_with_medians_and_ratios(smoke_config, tmp_path, capsy
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert set(rows) == {"r4t_folm", "r4t_diffusion_sde256", "r4t_diffusion_heun16"}
-    assert len(rows["r4t_folm"]["4"]["runs"]) == 2 and rows["r4t_diffusion_heun16"]["2"]["median_seconds"] > 0
+    assert set(rows) == {"r4t_folm", "r4t_diffusion_sde256", "r4t_diffusion_heun4"}  # smoke: heun, 4 steps
+    assert len(rows["r4t_folm"]["4"]["runs"]) == 2 and rows["r4t_diffusion_heun4"]["2"]["median_seconds"] > 0
     assert set(report["folm_over_diffusion"]["r4t_diffusion_sde256"]) == {"2", "4"}
     assert report["machine"]["device"] == "cpu" and "| r4t_folm |" in capsys.readouterr().out
 

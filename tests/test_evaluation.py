@@ -41,8 +41,16 @@ def test_report_renders_both_tables_in_method_order(smoke):
     assert [row.split("|")[1].strip() for row in oar_table[2:]] == [
         "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion", "Supervised set diffusion"]
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
-    page = render_html(render_markdown(evaluations, []), {"figure": "iVBORw0KGgo="})
-    assert page.count("<table>") == 4 and "src='data:image/png;base64," in page and "http" not in page
+    markdown = render_markdown(evaluations, [])
+    page = render_html(markdown, {"figure": "iVBORw0KGgo="})
+    # per regime: methods, training reward, and R4T-Diffusion at each swept Heun step count (smoke: 2 steps)
+    assert page.count("<table>") == 6 and "src='data:image/png;base64," in page and "http" not in page
+    assert markdown.count("| 2 (3) | ") == 2 and "guidance w = " in markdown
+    report = (smoke.path("evaluation_report") / "report.md").read_text()
+    served = report[report.index("#### Served over HTTP"):report.index("Closed loop:")].splitlines()
+    rows = [line.split("|") for line in served if line.startswith("| ") and "clients" not in line]
+    assert {r[1].strip() for r in rows} == {"r4t_diffusion", "r4t_folm", "no_fanout"}
+    assert all(r[2].strip() == "2" and r[-2].strip() == "0" for r in rows)  # 2 clients, no errors
     html_file = smoke.path("evaluation_report") / "report.html"
     assert html_file.read_text().count("<img") == 3  # latency, RL reward curves, MO-DiT frontier
 

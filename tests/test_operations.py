@@ -170,6 +170,8 @@ CODE_VERSION_CASES = {
     "diffusion steps": ({"diffusion": {"train": {"steps": 3}}},
                         {"polyvore/oar/diffusion_checkpoint", "polyvore/supervised_diffusion"}),
     "evaluation": ({"evaluation": {"max_queries": 3}}, {"polyvore/oar/evaluation"}),
+    "serve load": ({"evaluation": {"serve_requests": 7}}, {"latency_benchmark"}),
+    "diffusion sampler": ({"diffusion": {"guidance": 0.5}}, {"polyvore/oar/evaluation", "latency_benchmark"}),
     "MO-DiT splits": ({"modit": {"splits": {"seed": 1}}},
                       {"modit/polyvore_likes/task_data", "modit/polyvore_price/task_data"}),
     "MO-DiT tail stage": ({"modit": {"tail": {"steps": 3}}}, {"modit/item/tail", "modit/pattern/tail"}),
@@ -335,3 +337,45 @@ def test_a_failed_run_keeps_the_previous_catalog_and_marks_its_mlflow_run_failed
     experiment = client.get_experiment_by_name(f"r4t-{settings.profile}")
     [run] = client.search_runs([experiment.experiment_id], f"params.data_dir = '{corrupt}'")
     assert (run.info.run_name, run.info.status) == ("polyvore/catalog", "FAILED")
+
+
+# ---- 7. data-parallel training ------------------------------------------------------------------------------
+
+def test_a_diffusion_stage_in_two_processes_trains_the_one_process_model_through_pipes(pipeline, tmp_path):
+    """`processes: 2`: `accelerate launch` (torchrun; gloo on the CPU) under Dagster Pipes. The run reports its
+    metadata back, only its main process logs to MLflow, and its loss curve is the one-process curve."""
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from r4t_pipeline.config import DiffusionTrainConfig
+    from r4t_pipeline.diffusion.denoiser import DenoiserConfig
+    from r4t_pipeline.diffusion.train import train_diffusion
+    from r4t_pipeline.synth import load_targets
+
+    train = {"steps": 6, "checkpoint_every": 2, "log_every": 1}
+    settings = pipeline.settings({"diffusion": {"train": {**train, "processes": 2}}})
+    result = materialise(build_definitions(settings), pipeline.instance, [key(TRAINING[-1])])
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert (meta["processes"], meta["steps"], meta["steps_run"]) == (2, 6, 6)
+
+    store = RecordStore(settings.records_dir)
+    checkpoint = Path(store.read(TRAINING[-1]).model)
+    two = torch.load(checkpoint / "training_state.pt", weights_only=True)["loss_history"]
+    assert not [p.name for p in checkpoint.parent.iterdir() if p.name.endswith((".partial", ".launch"))]
+    y, conditions, _ = load_targets(store.read(TRAINING[1]).path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    one = train_diffusion(y, conditions, DenoiserConfig(**config["denoiser"]),
+                          DiffusionTrainConfig(**{**config["train"], "processes": 1}), tmp_path / "one").loss_history
+    np.testing.assert_allclose(two, one, rtol=1e-4)  # the same batches, the gradients averaged over the halves
+
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(f"r4t-{settings.profile}")
+    [run] = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{TRAINING[-1]}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    logged = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in logged] == list(range(1, 7))  # once per step: the second process logs nothing
+    np.testing.assert_allclose([m.value for m in logged], two, rtol=1e-6)
+    assert materialise(pipeline.defs(), pipeline.instance, [key(TRAINING[-1])]).success  # as the module found it

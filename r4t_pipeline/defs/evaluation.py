@@ -6,11 +6,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from r4t_pipeline.bench import format_table, run_benchmark
+from r4t_pipeline.bench import benchmark_queries, format_table, run_benchmark
 from r4t_pipeline.defs.modit import EVALUATION_KEY
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.evaluation import run_evaluation
+from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
 from r4t_pipeline.modit.artefacts import EVALUATION_DIR
 from r4t_pipeline.modit.artefacts import LATENCY_FILE as MODIT_LATENCY_FILE
 from r4t_pipeline.records import FileRecord, Record
@@ -33,7 +34,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
 
     @dg.asset(key=[*prefix, "evaluation"], group_name="evaluation", kinds={"json"},
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
-              code_version=code_version(settings.evaluation.version()),
+              code_version=code_version(settings.evaluation.version(), settings.diffusion.sampling()),
               description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
                           f"supervised anchor) on the {name} {regime.upper()} test split.")
     @retry_transient
@@ -67,9 +68,11 @@ def report_assets(settings: Settings, names: list[str]) -> list:
 
     @dg.asset(key=["latency_benchmark"], group_name="evaluation", kinds={"json"},
               ins={k: v for n in names for k, v in _stage_ins(n, regime, prefix=f"{n}__").items()},
-              code_version=code_version(cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds),
+              code_version=code_version(cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds,
+                                        settings.diffusion.sampling(), cfg.serve_concurrency, cfg.serve_requests,
+                                        settings.serve.model_dump(mode="json")),
               description=f"Fan-out latency per batch size of every method on this machine, per catalog "
-                          f"({regime.upper()}; median over repeats).")
+                          f"({regime.upper()}; median over repeats), and `r4t serve` under concurrent HTTP load.")
     @retry_transient
     def latency_benchmark(context: dg.AssetExecutionContext, **inputs: Record) -> dg.Output[FileRecord]:
         production = Production(context, settings, inputs)
@@ -79,12 +82,20 @@ def report_assets(settings: Settings, names: list[str]) -> list:
         for n in names:
             mine = {k.removeprefix(f"{n}__"): v for k, v in inputs.items() if k.startswith(f"{n}__")}
             artefacts = artefacts_of(regime, mine)
-            reports.append(run_benchmark(settings, n, regime, mine["broad_queries"].path, artefacts,
-                                         cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds))
+            report = run_benchmark(settings, n, regime, mine["broad_queries"].path, artefacts,
+                                   cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds)
+            if cfg.serve_concurrency:  # the same models behind HTTP, from the records just materialised
+                context.log.info(f"r4t serve under load: {n} {regime}, {cfg.serve_concurrency} clients")
+                report["serve"] = serve_benchmark(settings, n, regime,
+                                                  benchmark_queries(mine["broad_queries"].path, regime),
+                                                  settings.serve.methods, cfg.serve_concurrency, cfg.serve_requests)
+            reports.append(report)
         write_result(production, LATENCY_FILE, {"benchmarks": reports})
         return production.output(production.record(FileRecord), {
             **{f"{r['catalog']}_table": dg.MetadataValue.md(format_table(r["results"], cfg.latency_batch_sizes))
-               for r in reports}, "device": reports[0]["machine"]["device"]})
+               for r in reports},
+            **{f"{r['catalog']}_serve": dg.MetadataValue.md(format_serve_table(r["serve"])) for r in reports
+               if "serve" in r}, "device": reports[0]["machine"]["device"]})
 
     @dg.asset(key=["evaluation_report"], group_name="evaluation", kinds={"html"},
               ins={"latency": dg.AssetIn(key=latency_benchmark.key),

@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,28 +15,7 @@ import dagster as dg
 
 from r4t_pipeline.io import process_alive
 from r4t_pipeline.records import Record, RecordStore
-
-
-class MlflowRun:
-    """One MLflow run; `log` is the `log_fn(step, metrics)` callback the library's training loops take."""
-
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(_metric_name(k), float(v), now, step)
-                                                    for k, v in metrics.items()])
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
-
-
-def _metric_name(name: str) -> str:
-    """MLflow refuses names like 'recall@5K' or 'hit@3.5%'."""
-    return re.sub(r"[^\w\-. :/]", "_", name)
+from r4t_pipeline.tracking import MlflowRun
 
 
 class MlflowTracking(dg.ConfigurableResource):

@@ -2,7 +2,6 @@
 synthetic_targets -> diffusion_checkpoint. Each writes a new version folder, resumes from its own checkpoints
 after an interruption and tracks its run in MLflow; a failed run leaves every earlier version in place."""
 
-import time
 
 import dagster as dg
 import numpy as np
@@ -10,6 +9,7 @@ import numpy as np
 from r4t_pipeline import queries as q
 from r4t_pipeline import stack
 from r4t_pipeline.catalog import Catalog
+from r4t_pipeline.defs.launch import train_diffusion_stage
 from r4t_pipeline.defs.production import Production, code_version, retry_transient
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.io import write_json
@@ -147,7 +147,6 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
     def diffusion_checkpoint(context: dg.AssetExecutionContext, mlflow: MlflowTracking,
                              targets: FileRecord) -> dg.Output[ModelRecord]:
         from r4t_pipeline.diffusion.denoiser import DenoiserConfig, parameter_count
-        from r4t_pipeline.diffusion.train import train_diffusion
         from r4t_pipeline.synth import load_targets
 
         production = Production(context, settings, {"targets": targets})
@@ -157,15 +156,11 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
         y, conditions, _ = load_targets(targets.path)
         denoiser = DenoiserConfig(**{**DenoiserConfig.preset(cfg.denoiser_preset, y.shape[2], conditions.shape[1])
                                      .to_dict(), **cfg.denoiser_overrides})
-        started = time.perf_counter()
         with mlflow.run(f"{name}/{regime}/diffusion_checkpoint",
                         params={**denoiser.to_dict(), **cfg.train.model_dump(mode="json")}) as run:
-            result = train_diffusion(y, conditions, denoiser, cfg.train, production.path, resume=True,
-                                     log_fn=run.log)
+            trained = train_diffusion_stage(context, run, y, conditions, denoiser, cfg.train, production.path)
         return production.output(production.record(ModelRecord, model=str(production.path)), {
-            "parameters": parameter_count(denoiser), "targets": len(y), "sigma_data": round(result.sigma_data, 5),
-            "final_loss": round(result.final_loss, 5), "steps": result.steps, "steps_run": result.steps_run,
-            "seconds": round(time.perf_counter() - started, 1)})
+            "parameters": parameter_count(denoiser), "targets": len(y), **trained})
 
     return [folm_checkpoint, synthetic_targets, diffusion_checkpoint]
 

@@ -1,11 +1,11 @@
 """The supervised anchor per catalog (`r4t_pipeline.slate`): the R4T denoiser trained directly on the real
 training sets (title -> the set's item embeddings), no FOLM; both regimes' evaluations compare against it."""
 
-import time
 
 import dagster as dg
 
 from r4t_pipeline import queries as q
+from r4t_pipeline.defs.launch import train_diffusion_stage
 from r4t_pipeline.defs.production import Production, code_version, retry_transient
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.embeddings import CatalogEmbeddings
@@ -26,7 +26,6 @@ def supervised_asset(settings: Settings, name: str):
                              broad_queries: QueryCorpusRecord, item_embeddings: EmbeddingsRecord
                              ) -> dg.Output[ModelRecord]:
         from r4t_pipeline.diffusion.denoiser import DenoiserConfig, parameter_count
-        from r4t_pipeline.diffusion.train import train_diffusion
         from r4t_pipeline.slate import supervised_targets
 
         production = Production(context, settings, {"broad_queries": broad_queries,
@@ -41,14 +40,10 @@ def supervised_asset(settings: Settings, name: str):
         conditions = embedding_space(settings).encode_queries(pairs["query"].to_list())
         denoiser = DenoiserConfig(**{**DenoiserConfig.preset(cfg.denoiser_preset, emb.dim, emb.dim).to_dict(),
                                      **cfg.denoiser_overrides})
-        started = time.perf_counter()
         with mlflow.run(f"{name}/supervised_diffusion",
                         params={**denoiser.to_dict(), **cfg.train.model_dump(mode="json")}) as run:
-            result = train_diffusion(targets, conditions, denoiser, cfg.train, production.path, resume=True,
-                                     log_fn=run.log)
+            trained = train_diffusion_stage(context, run, targets, conditions, denoiser, cfg.train, production.path)
         return production.output(production.record(ModelRecord, model=str(production.path)), {
-            "parameters": parameter_count(denoiser), "training_sets": len(targets),
-            "sigma_data": round(result.sigma_data, 5), "final_loss": round(result.final_loss, 5),
-            "steps": result.steps, "steps_run": result.steps_run, "seconds": round(time.perf_counter() - started, 1)})
+            "parameters": parameter_count(denoiser), "training_sets": len(targets), **trained})
 
     return supervised_diffusion

@@ -65,7 +65,7 @@ def loss_weight(sigma: Tensor, sigma_data: Tensor | float) -> Tensor:
 
 
 def edm_loss(
-    precond: EDMPrecond,
+    precond: nn.Module,
     y: Tensor,
     sigma: Tensor,
     noise: Tensor,
@@ -73,9 +73,11 @@ def edm_loss(
     cond_mask: Tensor | None = None,
     drop_cond: Tensor | None = None,
 ) -> Tensor:
-    """Per-sample lambda(sigma) ||D(y + sigma n; sigma, cond) - y||^2 (mean over rows and dims), shape (B,)."""
+    """Per-sample lambda(sigma) ||D(y + sigma n; sigma, cond) - y||^2 (mean over rows and dims), shape (B,).
+    `precond` may be wrapped for data-parallel training (DistributedDataParallel: the EDMPrecond is its `module`)."""
     denoised = precond(y + sigma.view(-1, 1, 1) * noise, sigma, cond, cond_mask, drop_cond)
-    return loss_weight(sigma, precond.sigma_data) * (denoised - y).square().mean(dim=(1, 2))
+    sigma_data = getattr(precond, "module", precond).sigma_data
+    return loss_weight(sigma, sigma_data) * (denoised - y).square().mean(dim=(1, 2))
 
 
 def guided_denoiser(

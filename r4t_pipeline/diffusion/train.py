@@ -101,7 +101,7 @@ def run_fingerprint(targets: np.ndarray, conditions: np.ndarray, condition_mask:
     for array in (targets, conditions, condition_mask):
         if array is not None:
             digest.update(np.ascontiguousarray(array).tobytes())
-    settings = tc.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "device"})
+    settings = tc.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "device", "processes"})
     return stable_hash([digest.hexdigest(), cfg.to_dict(), settings, str(init_from)], length=16)
 
 
@@ -131,14 +131,25 @@ def train_diffusion(
 
     condition_mask (N, L) marks present seed tokens. init_from starts from a finished checkpoint's EMA
     weights and sigma_data (staged training); it is ignored when resuming.
+
+    Run under `accelerate launch` (see `diffusion.launch`), every process draws the same global batch and trains on
+    its contiguous share; DDP averages the gradients, so the steps are those of one process on the whole batch.
+    Only the main process writes checkpoints and calls `log_fn`.
     """
+    from accelerate import Accelerator
+
     started = time.perf_counter()
     targets, conditions, condition_mask = _validated_inputs(targets, conditions, condition_mask, denoiser_config)
     tc = train_config
     out_dir = Path(out_dir)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
-    device = resolve_device(tc.device)
-    if not resume:
+    accelerator = Accelerator(cpu=resolve_device(tc.device).type == "cpu")
+    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    if tc.batch_size % world:
+        raise ValueError(f"batch_size {tc.batch_size} does not split evenly over {world} processes")
+    share = slice(accelerator.process_index * tc.batch_size // world, (accelerator.process_index + 1)
+                  * tc.batch_size // world)
+    if not resume and main:
         shutil.rmtree(work_dir, ignore_errors=True)
     fingerprint = run_fingerprint(targets, conditions, condition_mask, denoiser_config, tc, init_from)
     state = _resume_state(work_dir, out_dir, fingerprint) if resume else None
@@ -151,6 +162,7 @@ def train_diffusion(
             raise ValueError(f"init_from {init_from}: denoiser {init.precond.net.cfg} differs from {denoiser_config}")
         precond.load_state_dict(init.precond.state_dict())
     ema = copy.deepcopy(precond).requires_grad_(False)
+    model = accelerator.prepare_model(precond)  # DistributedDataParallel over several processes, else precond
     params, ema_params = list(precond.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.steps))
@@ -195,8 +207,9 @@ def train_diffusion(
     m_all = None if condition_mask is None else torch.from_numpy(condition_mask).to(device)
     first_step = step
     precond.train()
-    with tqdm(total=tc.steps, initial=step, desc="diffusion", disable=None) as bar:
+    with tqdm(total=tc.steps, initial=step, desc="diffusion", disable=None if main else True) as bar:
         while step < tc.steps:
+            # the global batch, drawn alike in every process; each trains on its share
             idx = torch.randint(len(y_all), (tc.batch_size,), generator=generator, device=device)
             y = y_all[idx]
             if tc.permute_rows:
@@ -205,11 +218,11 @@ def train_diffusion(
             sigma = sample_sigmas(tc.noise, tc.batch_size, generator, device)
             noise = torch.randn(y.shape, generator=generator, device=device)
             drop = torch.rand(tc.batch_size, generator=generator, device=device) < tc.cfg_drop_prob
-            mask = None if m_all is None else m_all[idx]
-            loss = edm_loss(precond, y, sigma, noise, c_all[idx], mask, drop).mean()
+            mask = None if m_all is None else m_all[idx][share]
+            loss = edm_loss(model, y[share], sigma[share], noise[share], c_all[idx][share], mask, drop[share]).mean()
 
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            accelerator.backward(loss)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True)
             optimizer.step()
             scheduler.step()
@@ -218,16 +231,16 @@ def train_diffusion(
                 torch._foreach_lerp_(ema_params, params, 1 - decay)
 
             step += 1
-            loss_value = loss.item()
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()  # the whole batch's loss
             loss_history.append(loss_value)
             loss_ema = loss_value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss_value
             bar.update(1)
-            if step % tc.checkpoint_every == 0 and step < tc.steps:
+            if step % tc.checkpoint_every == 0 and step < tc.steps and main:
                 with atomic_file(work_dir / "training_state.pt") as tmp:
                     torch.save(training_state(), tmp)
             if step % tc.log_every == 0 or step == tc.steps:
                 bar.set_postfix(loss=f"{loss_ema:.4f}")
-                if log_fn is not None:
+                if log_fn is not None and main:
                     metrics = {
                         "loss": loss_value,
                         "loss_ema": loss_ema,
@@ -245,11 +258,14 @@ def train_diffusion(
         "train": tc.model_dump(),
         "steps": step,
     }
-    with atomic_dir(out_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        torch.save(training_state(), tmp / "training_state.pt")
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if main:
+        with atomic_dir(out_dir) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                      tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            torch.save(training_state(), tmp / "training_state.pt")
+        shutil.rmtree(work_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()  # the others return once the checkpoint is there
     return DiffusionTrainResult(
         checkpoint_dir=out_dir,
         final_loss=loss_ema,

@@ -24,6 +24,8 @@ from r4t_pipeline.encoders import l2_normalize
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
 
+METRICS_FILE = "metrics.json"  # what `run_evaluation` returns, as the evaluation asset writes it
+
 
 def wscr_pool_metrics(batch: RetrievalBatch, reference_ids: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
     recall, hit = [], []

@@ -320,12 +320,14 @@ class Service:
         return {"catalog": request.catalog, "protocol": request.protocol, **result.__dict__}
 
     def describe_models(self) -> dict:
+        from r4t_pipeline.evaluation import METRICS_FILE
+
         out = []
         for model in list(self.models.values()):
             evaluation = None
             with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
                 record = self.store.read(f"{model.catalog}/{model.regime}/evaluation")
-                metrics = json.loads((Path(record.path) / "metrics.json").read_text())["metrics"]
+                metrics = json.loads((Path(record.path) / METRICS_FILE).read_text())["metrics"]
                 evaluation = {m: v[0] for m, v in metrics.get(model.method, {}).items()}
             out.append({"catalog": model.catalog, "regime": model.regime, "method": model.method,
                         "artefacts": {r.asset: {"version": r.version, "path": r.path,

@@ -21,9 +21,9 @@ def test_recall_and_hit_by_hand():
 
 def test_vendi_across_runs():
     same = [RetrievalBatch([_fanout([[1, 0], [0, 1]], [["a"], ["b"]])], 0, 0) for _ in range(3)]
-    assert abs(run_vendi(same)[0] - 1.0) < 1e-6
+    assert abs(run_vendi(same)[0] - 1.0) < 1e-5  # float32 directions
     orthogonal = [RetrievalBatch([_fanout([v], [["a"]])], 0, 0) for v in ([1, 0, 0], [0, 1, 0], [0, 0, 1])]
-    assert abs(run_vendi(orthogonal)[0] - 3.0) < 1e-6
+    assert abs(run_vendi(orthogonal)[0] - 3.0) < 1e-5
 
 
 def test_mean_and_bootstrap_error():

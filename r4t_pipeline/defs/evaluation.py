@@ -10,7 +10,7 @@ from r4t_pipeline.bench import benchmark_queries, format_table, run_benchmark
 from r4t_pipeline.defs.modit import EVALUATION_KEY
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
-from r4t_pipeline.evaluation import run_evaluation
+from r4t_pipeline.evaluation import METRICS_FILE, run_evaluation
 from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
 from r4t_pipeline.modit.artefacts import EVALUATION_DIR
 from r4t_pipeline.modit.artefacts import LATENCY_FILE as MODIT_LATENCY_FILE
@@ -19,7 +19,7 @@ from r4t_pipeline.report import latency_figure, metrics_table, render_html, rend
 from r4t_pipeline.settings import Settings
 from r4t_pipeline.stack import artefacts_of
 
-METRICS_FILE, LATENCY_FILE = "metrics.json", "latency.json"
+LATENCY_FILE = "latency.json"
 
 
 def _stage_ins(name: str, regime: str, prefix: str = "") -> dict[str, dg.AssetIn]:

@@ -40,6 +40,10 @@ class FolmTrainConfig(BaseModel):
     lora_alpha: int | None = None
     generation_batch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(8, ge=1, description="completions per forward/backward in the update")
+    processes: int = Field(1, ge=1, description="data-parallel processes (GPUs, or CPU processes over gloo), each "
+                                                "training its share of every step's completions")
+    use_vllm: bool = Field(False, description="GPU: generate with vLLM colocated in the training process "
+                                              "(TRL's use_vllm; needs the vllm package)")
     seed: int = 0
     save_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
 

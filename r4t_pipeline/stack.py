@@ -61,6 +61,17 @@ def reward_files_hash(settings: Settings, regime: str) -> str:
     return file_sha256(path) if path.exists() else settings.rewards.presets[regime]
 
 
+def folm_train_rows(settings: Settings, corpus_path: str | Path, regime: str) -> list[dict]:
+    """The FOLM's RL training rows: "query", plus "reference_ids" for the WSCR reward (at most
+    `folm.max_train_queries`, a seeded sample)."""
+    from r4t_pipeline.queries import load_corpus
+
+    train = load_corpus(corpus_path, regime, "train")
+    if settings.folm.max_train_queries and train.height > settings.folm.max_train_queries:
+        train = train.sample(n=settings.folm.max_train_queries, seed=0)
+    return train.select(["query"] if regime == "oar" else ["query", "reference_ids"]).to_dicts()
+
+
 def fanout_scorer(settings: Settings, regime: str, index_path: str | Path) -> FanoutScorer:
     return FanoutScorer(embedding_space(settings), VectorIndex.load(index_path), reward_config(settings, regime))
 

@@ -19,12 +19,11 @@ from r4t_pipeline.folm import (
     bootstrap_folm,
     generate_fanouts,
     load_causal_lm,
-    sample_rollouts,
     soft_ppo_token_loss,
     train_folm,
 )
 from r4t_pipeline.folm.generate import prompt_ids
-from r4t_pipeline.folm.grpo import completion_logps, group_advantages, policy_update
+from r4t_pipeline.folm.grpo import build_trainer
 
 K = 5
 SIZE = TinyLMSize(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192)
@@ -91,9 +90,18 @@ def test_generate_fanouts_shape_and_seed(tiny_dir):
     assert first == generate_fanouts(model, tokenizer, queries, K, 4, 1.0, 20, batch_size=5, seed=7)
 
 
-def test_training_log_probs_are_the_samplers(tiny_dir):
-    """π_old must be the distribution the tokens were drawn from: same positions under left padding, same T."""
+def _trainer(tiny_dir, tmp_path, config, queries=("Street Style", "boho"), **overrides):
     model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
+    rows = [{"query": q, "set_id": str(i)} for i, q in enumerate(queries)]
+    trainer, terms = build_trainer(model, tokenizer, rows, distinct_lines_reward, config, tmp_path / "trl", **overrides)
+    assert terms == ["diversity", "format"]
+    return trainer
+
+
+def test_training_log_probs_are_the_samplers(tiny_dir, tmp_path):
+    """π_old must be the distribution the tokens were drawn from: same positions under left padding, same T."""
+    trainer = _trainer(tiny_dir, tmp_path, FolmTrainConfig(k=K, temperature=0.7))
+    model, tokenizer = trainer.model, trainer.processing_class
     prompts = [torch.tensor(prompt_ids(tokenizer, q, K)) for q in ["Street Style", "Winter Dresses Under $100 !!"]]
     width = max(len(p) for p in prompts)
     ids = torch.stack([torch.cat([torch.full((width - len(p),), tokenizer.pad_token_id), p]) for p in prompts])
@@ -107,7 +115,8 @@ def test_training_log_probs_are_the_samplers(tiny_dir):
     sampler = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
     alive = (torch.cumsum(completion == tokenizer.eos_token_id, 1) - (completion == tokenizer.eos_token_id).long()) == 0
     with torch.no_grad():
-        ours = completion_logps(model, ids, mask, completion, alive.long(), temperature=0.7)
+        ours, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([ids, completion], 1), torch.cat([mask, alive.long()], 1), completion.shape[1])
     assert torch.allclose(ours[alive], sampler[alive], atol=1e-4)
 
 
@@ -124,8 +133,6 @@ def test_soft_ppo_terms():
     assert pos["clip_fraction"][0].tolist() == [0.0, 0.0, 1.0]  # A > 0: only ρ > 1 + ε is clipped
     neg = soft_ppo_token_loss(logps, old, torch.tensor([[-1.0]]), 0.2, 0.05, 0.05)
     assert neg["clip_fraction"][0].tolist() == [1.0, 0.0, 0.0]
-    advantages = group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
-    assert torch.allclose(advantages, torch.tensor([-0.7071, 0.7071, 0, 0]), atol=1e-4)  # sample std, as TRL
 
 
 def test_kl_estimators_are_never_negative_in_float32_near_rho_one():
@@ -140,19 +147,41 @@ def test_kl_estimators_are_never_negative_in_float32_near_rho_one():
     assert ((terms["kl_reverse"][0].double() - reverse).abs() <= ulp).all()
 
 
-def test_policy_update_ratio_is_one_then_kl_acts(tiny_dir):
-    model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
-    config = FolmTrainConfig(group_size=4, learning_rate=3e-3, max_new_tokens=16, k=K, micro_batch_size=3)
-    rollouts = sample_rollouts(model, tokenizer, ["Street Style", "boho"], K, 4, 1.0, 16, seed=1)
-    scores = distinct_lines_reward([""] * 8, rollouts.texts, [""] * 8)
-    advantages = group_advantages(torch.tensor([s["total"] + 0.01 * i for i, s in enumerate(scores)]), 4)
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first, old = policy_update(model, optimizer, rollouts, advantages, None, config)
+def test_the_loss_on_fixed_inputs_is_soft_ppo(tiny_dir, tmp_path):
+    """The trainer's loss: per-token soft-PPO, masked mean per completion, mean over completions (TRL's "grpo")."""
+    config = FolmTrainConfig(k=K, temperature=0.8, epsilon=0.2, beta_forward=0.3, beta_reverse=0.1)
+    trainer = _trainer(tiny_dir, tmp_path, config)
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids_ = torch.randint(3, 500, (3, 6), generator=generator)
+    completion_ids = torch.randint(3, 500, (3, 5), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids_)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=torch.cat([prompt_ids_, completion_ids], 1)).logits[:, 5:-1] / 0.8
+    logps = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    old = logps + torch.randn(logps.shape, generator=generator) * 0.3
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    inputs = {"prompt_ids": prompt_ids_, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old}
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; the loss divides by it
+    loss = trainer._compute_loss(trainer.model, inputs)
+    rho, a = (logps - old).exp(), advantages[:, None]
+    per_token = (-torch.min(rho * a, rho.clamp(0.8, 1.2) * a) + 0.3 * (rho - 1 - rho.log())
+                 + 0.1 * (rho * rho.log() - rho + 1))
+    expected = ((per_token * completion_mask).sum(1) / completion_mask.sum(1)).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_the_ratio_is_one_at_the_first_iteration_then_kl_acts(tiny_dir, tmp_path):
+    config = FolmTrainConfig(steps=1, group_size=4, per_step_queries=2, learning_rate=3e-3, max_new_tokens=16, k=K,
+                             micro_batch_size=4, num_iterations=2, seed=1)
+    trainer = _trainer(tiny_dir, tmp_path, config, logging_steps=1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    first, second = [row for row in trainer.state.log_history if "loss" in row]
     assert first["kl_forward"] <= 1e-6 and first["kl_reverse"] <= 1e-6 and first["clip_fraction"] == 0
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    second, _ = policy_update(model, optimizer, rollouts, advantages, old, config)
     assert second["kl_forward"] > 0 and second["kl_reverse"] > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
     assert torch.isfinite(torch.tensor([first["loss"], second["loss"]])).all()
 
 
@@ -180,7 +209,7 @@ def test_train_folm_resumes_where_it_stopped(tiny_dir, outfits, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "b", log_fn=crash_at_3)
-    assert not (tmp_path / "b").exists() and (tmp_path / "b.resume" / "state.json").is_file()
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.resume" / "checkpoint-4").is_dir()
     resumed = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "b")
     assert resumed.resumed_from_step == 2 and len(resumed.history) == 4
     assert not (tmp_path / "b.resume").exists()
@@ -229,7 +258,7 @@ def test_lora_training_resumes_and_exports_a_merged_model(tiny_dir, outfits, tmp
 
     with pytest.raises(KeyboardInterrupt):
         train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "lora", log_fn=crash_at_2)
-    assert (tmp_path / "lora.resume" / "policy" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora.resume" / "checkpoint-2" / "adapter_config.json").is_file()
     result = train_folm(tiny_dir[0], queries, distinct_lines_reward, config, tmp_path / "lora")
     assert result.resumed_from_step == 1 and len(result.history) == 3
     assert not (tmp_path / "lora" / "adapter_config.json").exists()

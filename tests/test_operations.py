@@ -379,3 +379,34 @@ def test_a_diffusion_stage_in_two_processes_trains_the_one_process_model_through
     assert [m.step for m in logged] == list(range(1, 7))  # once per step: the second process logs nothing
     np.testing.assert_allclose([m.value for m in logged], two, rtol=1e-6)
     assert materialise(pipeline.defs(), pipeline.instance, [key(TRAINING[-1])]).success  # as the module found it
+
+
+def test_a_folm_stage_in_two_processes_splits_each_step_and_writes_once(pipeline):
+    """`folm.train.processes: 2`: TRL's GRPO under `accelerate launch` through Pipes. Each process samples and
+    trains on its half of every step's completions (the advantages use the whole group's rewards), so the curve
+    is the one-process curve in distribution, not sample for sample; the main process alone writes the model and
+    logs to MLflow, once per step."""
+    from mlflow.tracking import MlflowClient
+
+    from r4t_pipeline.folm.grpo import META_FILE
+
+    settings = pipeline.settings({"folm": {"train": {"processes": 2}}})
+    steps = settings.folm.train.steps
+    result = materialise(build_definitions(settings), pipeline.instance, [key(TRAINING[0])])
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert (meta["processes"], meta["steps"], meta["resumed_from_step"]) == (2, steps, 0)
+    folder = Path(RecordStore(settings.records_dir).read(TRAINING[0]).model)
+    history = json.loads((folder / META_FILE).read_text())["history"]
+    assert len(history) == steps and all(row["completion_tokens"] > 0 for row in history)
+    assert not [p.name for p in folder.parent.iterdir() if p.name.endswith((".partial", ".launch", ".resume"))]
+
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(f"r4t-{settings.profile}")
+    [run] = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{TRAINING[0]}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    logged = sorted(client.get_metric_history(run.info.run_id, "reward/total"), key=lambda m: m.step)
+    assert [m.step for m in logged] == list(range(1, steps + 1))  # once per step: the second process logs nothing
+    assert [m.value for m in logged] == pytest.approx([row["reward/total"] for row in history])
+    assert materialise(pipeline.defs(), pipeline.instance, [key(TRAINING[0])]).success  # as the module found it

@@ -4,25 +4,16 @@ after an interruption and tracks its run in MLflow; a failed run leaves every ea
 
 
 import dagster as dg
-import numpy as np
 
 from r4t_pipeline import queries as q
 from r4t_pipeline import stack
 from r4t_pipeline.catalog import Catalog
-from r4t_pipeline.defs.launch import train_diffusion_stage
+from r4t_pipeline.defs.launch import train_diffusion_stage, train_folm_stage
 from r4t_pipeline.defs.production import Production, code_version, retry_transient
 from r4t_pipeline.defs.resources import MlflowTracking
 from r4t_pipeline.io import write_json
 from r4t_pipeline.records import CatalogRecord, FileRecord, IndexRecord, ModelRecord, QueryCorpusRecord
 from r4t_pipeline.settings import Settings
-
-
-def _summary(history: list[dict[str, float]], window: int = 5) -> dict[str, float]:
-    """First and last `window`-step means of every logged quantity: the learning curve in two numbers."""
-    keys = sorted({k for row in history for k in row})
-    first, last = history[:window], history[-window:]
-    return {f"{k}_{tag}": float(np.mean([r[k] for r in rows if k in r]))
-            for k in keys for tag, rows in (("first", first), ("last", last)) if any(k in r for r in rows)}
 
 
 def folm_base_asset(settings: Settings, name: str):
@@ -68,14 +59,6 @@ def folm_base_asset(settings: Settings, name: str):
     return folm_base
 
 
-def _train_rows(settings: Settings, corpus: QueryCorpusRecord, regime: str) -> list[dict]:
-    train = q.load_corpus(corpus.path, regime, "train")
-    if settings.folm.max_train_queries and train.height > settings.folm.max_train_queries:
-        train = train.sample(n=settings.folm.max_train_queries, seed=0)
-    columns = ["query"] if regime == "oar" else ["query", "reference_ids"]
-    return train.select(columns).to_dicts()
-
-
 def stage_assets(settings: Settings, name: str, regime: str) -> list:
     prefix = [name, regime]
     group = f"{name}_{regime}"
@@ -91,26 +74,20 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
     @retry_transient
     def folm_checkpoint(context: dg.AssetExecutionContext, mlflow: MlflowTracking, folm_base: ModelRecord,
                         broad_queries: QueryCorpusRecord, embedding_index: IndexRecord) -> dg.Output[ModelRecord]:
-        from r4t_pipeline.folm.grpo import train_folm
-
         production = Production(context, settings, {"folm_base": folm_base, "broad_queries": broad_queries,
                                                     "embedding_index": embedding_index})
         if reused := production.reuse():
             return reused
-        rows = _train_rows(settings, broad_queries, regime)
-        scorer = stack.fanout_scorer(settings, regime, embedding_index.for_regime(regime))
+        rows = stack.folm_train_rows(settings, broad_queries.path, regime)
         config = settings.folm.train.model_copy(update={"k": reward.k})
         with mlflow.run(f"{name}/{regime}/folm_checkpoint",
                         params={**config.model_dump(), **{f"reward_{k}": v for k, v in reward.model_dump().items()},
                                 "base": folm_base.model}) as run:
-            result = train_folm(folm_base.model, rows, scorer, config, production.path, resume=True,
-                                log_fn=run.log, run_key=production.version)
-        summary = _summary(result.history)
-        context.log.info(f"{name}/{regime} FOLM: {result.steps} steps, {result.seconds_per_step:.2f} s/step")
-        return production.output(production.record(ModelRecord, model=str(production.path)), {
-            "steps": result.steps, "resumed_from_step": result.resumed_from_step,
-            "seconds_per_step": round(result.seconds_per_step, 3), "peak_rss_mb": round(result.peak_rss_mb),
-            "train_queries": len(rows), **{k: round(v, 4) for k, v in summary.items()}})
+            trained = train_folm_stage(context, run, settings, regime, embedding_index.for_regime(regime),
+                                       folm_base.model, rows, config, production.path, production.version)
+        context.log.info(f"{name}/{regime} FOLM: {trained['steps']} steps, {trained['seconds_per_step']} s/step")
+        return production.output(production.record(ModelRecord, model=str(production.path)),
+                                 {**trained, "train_queries": len(rows)})
 
     @dg.asset(key=[*prefix, "synthetic_targets"], group_name=group, kinds={"parquet"},
               ins={"folm": dg.AssetIn(key=folm_checkpoint.key),

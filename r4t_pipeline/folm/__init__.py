@@ -1,13 +1,13 @@
 """Fan-out language model (FOLM): loading, offline bootstrap, batched sampling, GRPO + soft-PPO training."""
 
 from r4t_pipeline.config import FolmTrainConfig, TinyLMSize
-from r4t_pipeline.folm.generate import Rollouts, generate_fanouts, sample_rollouts
+from r4t_pipeline.folm.generate import generate_fanouts
 from r4t_pipeline.folm.grpo import FolmTrainResult, soft_ppo_token_loss, train_folm
 from r4t_pipeline.folm.models import DEFAULT_BASE_MODEL, OfflineModelUnavailable, load_causal_lm
 from r4t_pipeline.folm.tiny import bootstrap_folm, build_tiny_lm, sft_warm_start, train_tokenizer
 
 __all__ = [
-    "DEFAULT_BASE_MODEL", "FolmTrainConfig", "FolmTrainResult", "OfflineModelUnavailable", "Rollouts",
-    "TinyLMSize", "bootstrap_folm", "build_tiny_lm", "generate_fanouts", "load_causal_lm", "sample_rollouts",
+    "DEFAULT_BASE_MODEL", "FolmTrainConfig", "FolmTrainResult", "OfflineModelUnavailable",
+    "TinyLMSize", "bootstrap_folm", "build_tiny_lm", "generate_fanouts", "load_causal_lm",
     "sft_warm_start", "soft_ppo_token_loss", "train_folm", "train_tokenizer",
 ]

@@ -1,25 +1,11 @@
-"""Batched fan-out sampling: `num_samples` completions per query, left-padded prompts, KV cache, no grad."""
+"""Batched fan-out sampling for retrieval and synthesis: left-padded prompts, KV cache, no grad."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from r4t_pipeline.fanout import build_messages, build_prompt_text
-
-
-@dataclass
-class Rollouts:
-    """Sampled completions with the token ids GRPO scores; row i answers `queries[query_index[i]]`."""
-
-    prompt_ids: torch.Tensor  # [N, P], left-padded
-    prompt_mask: torch.Tensor
-    completion_ids: torch.Tensor  # [N, C], right-padded
-    completion_mask: torch.Tensor  # 1 up to and including the first end-of-sequence token
-    texts: list[str]
-    query_index: list[int]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, query: str, k: int) -> list[int]:
@@ -36,29 +22,35 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
 
 
-def _pad(rows: list[torch.Tensor], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(rows: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span], mask[i, span] = row, 1
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
     return ids, mask
 
 
+def _until_eos(row: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """The completion up to and including its first end-of-sequence token (the rest is padding)."""
+    hits = torch.isin(row, torch.tensor(eos_ids)).nonzero()
+    return row[: int(hits[0]) + 1] if len(hits) else row
+
+
 @torch.no_grad()
-def sample_rollouts(
+def generate_fanouts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     queries: list[str],
     k: int,
-    num_samples: int,
-    temperature: float,
-    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 0.9,
+    max_new_tokens: int = 128,
     batch_size: int = 16,
     seed: int | None = None,
-) -> Rollouts:
-    """Pure ancestral sampling at `temperature` (no top-k/top-p), so GRPO's π_old is exactly the sampler."""
+) -> list[list[str]]:
+    """Raw completion texts, `num_samples` per query: pure ancestral sampling at `temperature` (no top-k/top-p,
+    as GRPO samples), greedy at 0."""
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples, batch_size, max_new_tokens must be >= 1 "
                          f"(got {num_samples}, {batch_size}, {max_new_tokens})")
@@ -73,42 +65,13 @@ def sample_rollouts(
     query_index = [i for i in range(len(queries)) for _ in range(num_samples)]
     was_training = model.training
     model.eval()
-    prompts: list[torch.Tensor] = []
-    completions: list[torch.Tensor] = []
-    for start in range(0, len(query_index), batch_size):
-        batch = [encoded[i] for i in query_index[start : start + batch_size]]
-        ids, mask = _pad(batch, tokenizer.pad_token_id, left=True)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        prompts += batch
-        completions += [_until_eos(row, eos_ids) for row in out[:, ids.shape[1] :].cpu()]
-    model.train(was_training)
-    prompt_ids_, prompt_mask = _pad(prompts, tokenizer.pad_token_id, left=True)
-    completion_ids, completion_mask = _pad(completions, tokenizer.pad_token_id, left=False)
-    texts = tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=True)
-    return Rollouts(prompt_ids_, prompt_mask, completion_ids, completion_mask, texts, query_index)
-
-
-def _until_eos(row: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """The completion up to and including its first end-of-sequence token (the rest is padding)."""
-    hits = torch.isin(row, torch.tensor(eos_ids)).nonzero()
-    return row[: int(hits[0]) + 1] if len(hits) else row
-
-
-def generate_fanouts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    queries: list[str],
-    k: int,
-    num_samples: int = 1,
-    temperature: float = 0.9,
-    max_new_tokens: int = 128,
-    batch_size: int = 16,
-    seed: int | None = None,
-) -> list[list[str]]:
-    """Raw completion texts, `num_samples` per query (temperature 0: greedy)."""
-    rollouts = sample_rollouts(model, tokenizer, queries, k, num_samples, temperature, max_new_tokens,
-                               batch_size, seed)
     grouped: list[list[str]] = [[] for _ in queries]
-    for i, text in zip(rollouts.query_index, rollouts.texts):
-        grouped[i].append(text)
+    for start in range(0, len(query_index), batch_size):
+        rows = query_index[start : start + batch_size]
+        ids, mask = _left_pad([encoded[i] for i in rows], tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        completions = [_until_eos(row, eos_ids).tolist() for row in out[:, ids.shape[1] :].cpu()]
+        for i, text in zip(rows, tokenizer.batch_decode(completions, skip_special_tokens=True)):
+            grouped[i].append(text)
+    model.train(was_training)
     return grouped

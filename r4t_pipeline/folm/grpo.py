@@ -1,39 +1,36 @@
-"""GRPO with the soft-PPO per-token loss (SPEC §3), as a compact loop over `transformers` models.
+"""GRPO with the soft-PPO per-token loss (SPEC §3), on TRL's `GRPOTrainer`.
 
-One training step: pick `per_step_queries` queries, sample a group of `group_size` completions each from
-the current policy (this is π_old), score them, form group-relative advantages
-    A_i = (R_i - mean(R)) / (std(R) + 1e-6),
-then take `num_iterations` AdamW steps on the per-token loss, ρ = π_θ(token) / π_old(token):
+One GRPO step samples a group of `group_size` completions for each of `per_step_queries` queries from the
+current policy (π_old), scores them, forms group-relative advantages A_i = (R_i - mean(R)) / (std(R) + ε),
+then takes `num_iterations` optimizer steps on all of them with the per-token loss, ρ = π_θ(token) / π_old(token):
     L = -min(ρA, clip(ρ, 1-ε, 1+ε)A) + β_f (ρ - 1 - log ρ) + β_r (ρ log ρ - ρ + 1),
-averaged over each completion's tokens, then over completions (GRPO). The first iteration runs at
-π_θ = π_old, so ρ = 1 exactly there and its log-probs become π_old for the later iterations.
-
-Why not TRL's GRPOTrainer: there a step is one optimizer update on a slice of buffered generations drawn
-through a repeat sampler, which makes exact resumption at a step boundary, per-term reward logging and
-the two KL terms indirect. This loop is short, resumes bit-for-bit (tested), and does no CPU work that
-TRL would not. For multi-GPU/vLLM runs, `soft_ppo_token_loss` drops into a `_compute_loss` override.
+averaged over each completion's tokens, then over completions (TRL's `loss_type="grpo"`). The first iteration
+runs at π_θ = π_old, so ρ = 1 there. TRL does the sampling, the reward contract, the advantages, accelerate
+(several processes), LoRA through peft and checkpoints; `SoftPPOTrainer._compute_loss` is the one method
+that differs. On a GPU the same trainer takes `use_vllm=True` through `trainer_overrides`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
 from r4t_pipeline.config import FolmTrainConfig
-from r4t_pipeline.folm.generate import Rollouts, sample_rollouts
-from r4t_pipeline.folm.models import load_causal_lm
+from r4t_pipeline.device import resolve_device
+from r4t_pipeline.fanout import build_messages, build_prompt_text
+from r4t_pipeline.folm.callbacks import LogCallback
+from r4t_pipeline.folm.models import add_lora, load_causal_lm
 from r4t_pipeline.io import atomic_dir, stable_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -41,16 +38,17 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[..., list[dict[str, float]]]
 LogFn = Callable[[int, dict[str, float]], None]
 META_FILE = "r4t_folm.json"
+RUN_FILE = "r4t_run.json"  # the run identity a checkpoint folder belongs to
 
 
 class FolmTrainResult(BaseModel):
     checkpoint_dir: Path
     steps: int
-    resumed_from_step: int = Field(description="steps already done when this call started")
+    resumed_from_step: int = Field(description="GRPO steps already done when this call started")
     seconds_per_step: float = Field(description="mean wall time of the steps this call ran")
     peak_rss_mb: float = Field(description="the process's peak RSS, reward model and all")
     peak_gpu_mb: float | None
-    history: list[dict[str, float]] = Field(description="one row per step: reward/<term> means, loss, KL terms, ...")
+    history: list[dict[str, float]] = Field(description="one row per GRPO step: reward/<term> means, loss, KL terms")
 
 
 def soft_ppo_token_loss(
@@ -72,93 +70,70 @@ def soft_ppo_token_loss(
             "kl_forward": kl_forward, "kl_reverse": kl_reverse, "clip_fraction": clipped.float()}
 
 
-def group_advantages(totals: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(R_i - mean) / (std + 1e-6) within each consecutive group of `group_size` rewards."""
-    groups = totals.view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).view(-1)
+def _trl():
+    """TRL imported on first use: it pulls in datasets and the trainer stack (seconds), which most callers skip."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    class SoftPPOTrainer(GRPOTrainer):
+        """TRL's GRPO with the soft-PPO per-token loss in place of its own (no reference model: β = 0 there)."""
+
+        def __init__(self, *args, beta_forward: float, beta_reverse: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.beta_forward, self.beta_reverse = beta_forward, beta_reverse
+
+        def _compute_loss(self, model, inputs):
+            prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+            mask = inputs["completion_mask"]
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([inputs["prompt_mask"], mask], 1),
+                completion_ids.size(1))
+            old = inputs.get("old_per_token_logps")  # None when nothing changed the policy since sampling
+            terms = soft_ppo_token_loss(logps, logps.detach() if old is None else old,
+                                        inputs["advantages"].unsqueeze(1), self.epsilon_low, self.beta_forward,
+                                        self.beta_reverse)
+            per_completion = (terms["loss"] * mask).sum(1) / mask.sum(1).clamp(min=1)
+            for name in ("kl_forward", "kl_reverse", "clip_fraction"):
+                totals = self.accelerator.reduce(torch.stack([(terms[name].detach() * mask).sum(),
+                                                              mask.sum().float()]), reduction="sum")
+                self._metrics["train"][name].append((totals[0] / totals[1].clamp(min=1)).item())
+            return per_completion.mean() / self.current_gradient_accumulation_steps
+
+    return GRPOConfig, SoftPPOTrainer
 
 
-def completion_logps(
-    model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor, temperature: float,
-) -> torch.Tensor:
-    """log π(token) of each completion token at the sampling temperature, [N, C]."""
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    mask = torch.cat([prompt_mask, completion_mask], 1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
-    width = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits[:, :-1].float() / temperature
-    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def reward_functions(reward_fn: RewardFn, terms: list[str]) -> list[Callable[..., list[float]]]:
+    """TRL reward functions from one scorer that returns every term at once: `total` (optimised) and each
+    term (weight 0 in `reward_weights`, so TRL logs it as rewards/<term>/mean). The scorer runs once per batch."""
+    cache: dict[str, Any] = {}
+
+    def scores(completions: list, query: list[str], **columns) -> list[dict[str, float]]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        key = (tuple(query), tuple(texts))
+        if cache.get("key") != key:
+            columns = {k: v for k, v in columns.items() if k not in {"prompts", "completion_ids", "trainer_state",
+                                                                     "log_extra", "log_metric", "environments"}}
+            cache.update(key=key, scores=reward_fn(query, texts, **columns))
+            if len(cache["scores"]) != len(texts) or any("total" not in s for s in cache["scores"]):
+                raise ValueError(f"reward_fn must return one dict with a 'total' key per completion "
+                                 f"({len(texts)} completions, got {len(cache['scores'])} results)")
+        return cache["scores"]
+
+    def term(name: str) -> Callable[..., list[float]]:
+        def reward(prompts, completions, **columns) -> list[float]:
+            return [float(s[name]) for s in scores(completions, **columns)]
+
+        reward.__name__ = name
+        return reward
+
+    return [term(name) for name in ["total", *terms]]
 
 
-def _micro_batches(rollouts: Rollouts, size: int, device: torch.device) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
-    """Row slices with their tensors, padding columns shared by the whole slice trimmed away."""
-    batches = []
-    for start in range(0, len(rollouts.texts), size):
-        rows = slice(start, start + size)
-        p_mask, c_mask = rollouts.prompt_mask[rows], rollouts.completion_mask[rows]
-        first = int(p_mask.any(0).nonzero()[0])
-        last = int(c_mask.any(0).nonzero()[-1]) + 1
-        tensors = (rollouts.prompt_ids[rows, first:], p_mask[:, first:], rollouts.completion_ids[rows, :last],
-                   c_mask[:, :last])
-        batches.append((rows, tuple(t.to(device) for t in tensors)))
-    return batches
-
-
-def policy_update(
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    rollouts: Rollouts,
-    advantages: torch.Tensor,
-    old_logps: list[torch.Tensor] | None,
-    config: FolmTrainConfig,
-) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """One AdamW step on the soft-PPO loss over all rollouts (gradient accumulated over micro-batches).
-
-    `old_logps=None` means the model still is π_old: its own detached log-probs are used (ρ = 1) and
-    returned for the next iterations."""
-    device = next(model.parameters()).device
-    n_rows = len(rollouts.texts)
-    n_tokens = float(rollouts.completion_mask.sum())
-    sums = dict.fromkeys(("loss", "kl_forward", "kl_reverse", "clip_fraction"), 0.0)
-    recorded: list[torch.Tensor] = []
-    model.train()
-    batches = _micro_batches(rollouts, config.micro_batch_size, device)
-    for i, (rows, (p_ids, p_mask, c_ids, c_mask)) in enumerate(batches):
-        logps = completion_logps(model, p_ids, p_mask, c_ids, c_mask, config.temperature)
-        old = logps.detach() if old_logps is None else old_logps[i]
-        recorded.append(old)
-        terms = soft_ppo_token_loss(logps, old, advantages[rows].to(device).unsqueeze(1), config.epsilon,
-                                    config.beta_forward, config.beta_reverse)
-        mask = c_mask.float()
-        per_completion = (terms["loss"] * mask).sum(1) / mask.sum(1).clamp(min=1)
-        (per_completion.sum() / n_rows).backward()
-        sums["loss"] += per_completion.sum().item() / n_rows
-        for name in ("kl_forward", "kl_reverse", "clip_fraction"):
-            sums[name] += (terms[name].detach() * mask).sum().item() / n_tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {**sums, "grad_norm": float(grad_norm)}, recorded
-
-
-def _query_rows(train_queries: list[dict[str, Any]], step: int, count: int, seed: int) -> list[dict[str, Any]]:
-    """Queries for `step` (1-based): successive slices of one seeded permutation per epoch, so reruns match."""
-    n = len(train_queries)
-    positions = range((step - 1) * count, step * count)
-    return [train_queries[int(np.random.default_rng([seed, p // n]).permutation(n)[p % n])] for p in positions]
-
-
-def _score(reward_fn: RewardFn, rows: list[dict[str, Any]], rollouts: Rollouts) -> list[dict[str, float]]:
-    queries = [rows[i]["query"] for i in rollouts.query_index]
-    columns = {key: [rows[i][key] for i in rollouts.query_index] for key in rows[0] if key != "query"}
-    scores = reward_fn(queries, rollouts.texts, **columns)
-    if len(scores) != len(rollouts.texts) or any("total" not in s for s in scores):
-        raise ValueError(f"reward_fn must return one dict with a 'total' key per completion "
-                         f"({len(rollouts.texts)} completions, got {len(scores)} results)")
-    return scores
+def _history_row(logs: dict[str, float], terms: list[str], num_iterations: int) -> dict[str, float]:
+    """One GRPO step's TRL log (`logging_steps = num_iterations`) in the names the rest of the project reads."""
+    row = {f"reward/{name}": logs[f"rewards/{name}/mean"] for name in ["total", *terms]}
+    row |= {name: logs[name] for name in ("loss", "grad_norm", "kl_forward", "kl_reverse", "clip_fraction")}
+    return row | {"completion_tokens": logs["completions/mean_length"],
+                  "seconds": logs["step_time"] * num_iterations}
 
 
 def _validate_queries(train_queries: list[dict[str, Any]]) -> None:
@@ -170,6 +145,8 @@ def _validate_queries(train_queries: list[dict[str, Any]]) -> None:
             raise ValueError(f"train_queries[{i}]: 'query' must be a non-empty string")
         if set(row) != keys:
             raise ValueError(f"train_queries[{i}]: columns {sorted(row)} differ from row 0's {sorted(keys)}")
+        if "prompt" in row:
+            raise ValueError(f"train_queries[{i}]: 'prompt' is reserved (the trainer builds it from 'query')")
 
 
 def _run_identity(spec: str, config: FolmTrainConfig, train_queries: list[dict[str, Any]], run_key: str) -> dict:
@@ -183,40 +160,76 @@ def _run_identity(spec: str, config: FolmTrainConfig, train_queries: list[dict[s
             "train_queries": stable_hash(rows), "run_key": run_key}
 
 
-def _state_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(f"{out_dir.name}.resume")
+def _last_complete_checkpoint(state_dir: Path) -> str | None:
+    """The newest `checkpoint-<step>` the Trainer finished writing: it writes trainer_state.json last, so a folder
+    without one was cut off mid-save."""
+    complete = [p for p in state_dir.glob("checkpoint-*") if (p / TRAINER_STATE_NAME).is_file()]
+    return str(max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if complete else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _load_policy(
-    spec: str, config: FolmTrainConfig, state: Path | None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if state is None or not config.lora_rank:
-        return load_causal_lm(str(state / "policy") if state else spec, lora_rank=config.lora_rank or None,
-                              lora_alpha=config.lora_alpha)
-    from peft import PeftModel
-
-    base, tokenizer = load_causal_lm(spec)
-    return PeftModel.from_pretrained(base, state / "policy", is_trainable=True), tokenizer
-
-
-def _save_state(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
-                meta: dict[str, Any], folder: Path) -> None:
-    """Resumable checkpoint: policy (LoRA: the adapter only), tokenizer, optimizer, history."""
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp / "policy")
-        tokenizer.save_pretrained(tmp / "policy")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-
-
 def _peak_memory() -> tuple[float, float | None]:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return rss_mb, gpu_mb
+
+
+def _micro_batch(config: FolmTrainConfig, processes: int) -> tuple[int, int]:
+    """(completions per forward/backward, micro-batches per optimizer step) so that one optimizer step covers
+    all `per_step_queries x group_size` completions of a GRPO step, split evenly across processes."""
+    total = config.per_step_queries * config.group_size
+    if total % processes:
+        raise ValueError(f"per_step_queries x group_size = {total} completions do not split across {processes} "
+                         "processes")
+    share = total // processes
+    size = max(d for d in range(1, min(config.micro_batch_size, share) + 1) if share % d == 0)
+    return size, share // size
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_queries: list[dict[str, Any]],
+    reward_fn: RewardFn,
+    config: FolmTrainConfig,
+    output_dir: Path,
+    callbacks: list[TrainerCallback] = (),
+    **overrides,
+):
+    """The soft-PPO GRPO trainer for `model` (wrapped in LoRA when configured); `overrides` go to GRPOConfig."""
+    from datasets import Dataset
+
+    GRPOConfig, SoftPPOTrainer = _trl()
+    first = train_queries[0]
+    terms = [name for name in reward_fn([first["query"]], [""], **{k: [v] for k, v in first.items() if k != "query"})[0]
+             if name != "total"]  # one probe call names the reward's terms
+    prompt = (lambda q: build_messages(q, config.k)) if tokenizer.chat_template else \
+        (lambda q: build_prompt_text(q, config.k))
+    dataset = Dataset.from_list([{"prompt": prompt(row["query"]), **row} for row in train_queries])
+    # torchrun's WORLD_SIZE (under `accelerate launch`): the Trainer's own view exists only once its args do
+    micro, accumulation = _micro_batch(config, int(os.environ.get("WORLD_SIZE", "1")))
+    args = GRPOConfig(**{
+        "output_dir": str(output_dir), "max_steps": config.steps * config.num_iterations, "seed": config.seed,
+        "per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation,
+        "steps_per_generation": accumulation, "num_generations": config.group_size,
+        "num_iterations": config.num_iterations, "learning_rate": config.learning_rate,
+        "lr_scheduler_type": "constant", "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm,
+        "epsilon": config.epsilon, "beta": 0.0, "loss_type": "grpo", "scale_rewards": "group",
+        "temperature": config.temperature, "top_p": 1.0, "top_k": 0, "max_completion_length": config.max_new_tokens,
+        "mask_truncated_completions": False, "reward_weights": [1.0] + [0.0] * len(terms),
+        "logging_steps": config.num_iterations, "save_strategy": "steps",
+        "save_steps": config.save_every * config.num_iterations, "save_total_limit": 1,
+        "use_cpu": resolve_device().type == "cpu", "bf16": False, "fp16": False, "gradient_checkpointing": False,
+        "report_to": "none", "remove_unused_columns": False, "log_completions": False, "disable_dropout": True,
+        "use_vllm": config.use_vllm, "vllm_mode": "colocate", **overrides})
+    if config.lora_rank and not hasattr(model, "peft_config"):
+        model = add_lora(model, config.lora_rank, config.lora_alpha or 2 * config.lora_rank)
+    return SoftPPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_functions(reward_fn, terms),
+                          args=args, train_dataset=dataset, callbacks=list(callbacks),
+                          beta_forward=config.beta_forward, beta_reverse=config.beta_reverse), terms
 
 
 def train_folm(
@@ -236,7 +249,8 @@ def train_folm(
     "total" (optimised) and any named terms (logged as reward/<name>). With `resume`, a finished `out_dir`
     of the same run is returned as is, and an interrupted run continues from its last checkpoint; "same"
     means same base model files, config, training rows and `run_key`, which should identify what the
-    callable `reward_fn` cannot: e.g. a hash of the reward's config and index."""
+    callable `reward_fn` cannot: e.g. a hash of the reward's config and index. Under `accelerate launch`
+    every process trains its share of each step's completions and the main process alone writes."""
     spec, out_dir = str(model_dir_or_spec), Path(out_dir)
     _validate_queries(train_queries)
     meta = _run_identity(spec, config, train_queries, run_key)
@@ -244,53 +258,36 @@ def train_folm(
     if resume and done and {k: done.get(k) for k in meta} == meta and done.get("steps_done") == config.steps:
         return FolmTrainResult(checkpoint_dir=out_dir, steps=config.steps, resumed_from_step=config.steps,
                                **{k: done[k] for k in ("seconds_per_step", "peak_rss_mb", "peak_gpu_mb", "history")})
-    state_dir = _state_dir(out_dir)
-    state = _read_json(state_dir / "state.json") if resume else None
-    if state is not None and {k: state.get(k) for k in meta} != meta:
-        log.warning("ignoring checkpoint %s: it was made by another run (base, config, data or run_key)", state_dir)
-        state = None
-    model, tokenizer = _load_policy(spec, config, state_dir if state else None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    history: list[dict[str, float]] = state["history"] if state else []
-    if state:
-        optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
-    start = len(history)
-    step_seconds: list[float] = []
-    for step in tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, desc="grpo", disable=None):
-        began = time.perf_counter()
-        rows = _query_rows(train_queries, step, config.per_step_queries, config.seed)
-        rollouts = sample_rollouts(model, tokenizer, [r["query"] for r in rows], config.k, config.group_size,
-                                   config.temperature, config.max_new_tokens, config.generation_batch_size,
-                                   seed=config.seed * 1_000_003 + step)
-        generated = time.perf_counter()
-        scores = _score(reward_fn, rows, rollouts)
-        advantages = group_advantages(torch.tensor([s["total"] for s in scores], dtype=torch.float32),
-                                      config.group_size)
-        old_logps, updates = None, []
-        for _ in range(config.num_iterations):
-            metrics, old_logps = policy_update(model, optimizer, rollouts, advantages, old_logps, config)
-            updates.append(metrics)
-        step_seconds.append(time.perf_counter() - began)
-        row = {f"reward/{name}": float(np.mean([s[name] for s in scores])) for name in scores[0]}
-        row |= {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
-        row |= {"completion_tokens": float(rollouts.completion_mask.sum(1).float().mean()),
-                "seconds": step_seconds[-1], "seconds_generate": generated - began}
-        history.append(row)
-        if log_fn:
-            log_fn(step, row)
-        if step % config.save_every == 0 and step < config.steps:
-            _save_state(model, tokenizer, optimizer, {**meta, "history": history}, state_dir)
+    state_dir = out_dir.with_name(f"{out_dir.name}.resume")
+    checkpoint = _last_complete_checkpoint(state_dir) if resume else None
+    if checkpoint and _read_json(state_dir / RUN_FILE) != meta:
+        log.warning("ignoring checkpoint %s: it was made by another run (base, config, data or run_key)", checkpoint)
+        checkpoint = None
+    model, tokenizer = load_causal_lm(spec)
+    step_log = LogCallback(log_fn, lambda logs: _history_row(logs, terms, config.num_iterations), config.num_iterations)
+    trainer, terms = build_trainer(model, tokenizer, train_queries, reward_fn, config, state_dir, [step_log])
+    if trainer.accelerator.is_main_process and not checkpoint:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        write_json(state_dir / RUN_FILE, meta)
+    trainer.accelerator.wait_for_everyone()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    history = [_history_row(logs, terms, config.num_iterations) for logs in trainer.state.log_history
+               if "loss" in logs]
     rss_mb, gpu_mb = _peak_memory()
-    result = FolmTrainResult(checkpoint_dir=out_dir, steps=config.steps, resumed_from_step=start,
-                             seconds_per_step=float(np.mean(step_seconds)) if step_seconds else 0.0,
-                             peak_rss_mb=rss_mb, peak_gpu_mb=gpu_mb, history=history)
-    final = model.merge_and_unload() if config.lora_rank else model
-    with atomic_dir(out_dir) as tmp:
-        final.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / META_FILE, {**meta, "steps_done": config.steps,
-                                     **result.model_dump(include={"seconds_per_step", "peak_rss_mb", "peak_gpu_mb",
-                                                                   "history"})})
-    shutil.rmtree(state_dir, ignore_errors=True)
+    result = FolmTrainResult(
+        checkpoint_dir=out_dir, steps=config.steps,
+        resumed_from_step=int(checkpoint.rsplit("-", 1)[1]) // config.num_iterations if checkpoint else 0,
+        seconds_per_step=sum(r["seconds"] for r in step_log.rows) / len(step_log.rows) if step_log.rows else 0.0,
+        peak_rss_mb=rss_mb, peak_gpu_mb=gpu_mb, history=history)
+    if trainer.accelerator.is_main_process:
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        final = policy.merge_and_unload() if config.lora_rank else policy
+        with atomic_dir(out_dir) as tmp:
+            final.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / META_FILE, {**meta, "steps_done": config.steps,
+                                         **result.model_dump(include={"seconds_per_step", "peak_rss_mb",
+                                                                       "peak_gpu_mb", "history"})})
+        shutil.rmtree(state_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return result

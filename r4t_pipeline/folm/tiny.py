@@ -3,13 +3,12 @@ on (collection title -> item names, one per line). The warm-started model is the
 
 from __future__ import annotations
 
-import random
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,7 +20,7 @@ from transformers import (
 from r4t_pipeline.config import TinyLMSize
 from r4t_pipeline.device import resolve_device
 from r4t_pipeline.fanout import build_messages
-from r4t_pipeline.folm.generate import prompt_ids
+from r4t_pipeline.folm.callbacks import LogCallback
 from r4t_pipeline.io import atomic_dir
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -62,13 +61,6 @@ def build_tiny_lm(
     return LlamaForCausalLM(config)
 
 
-def _sft_example(tokenizer: PreTrainedTokenizerBase, title: str, items: Sequence[str], k: int) -> tuple[list[int], int]:
-    """Token ids of prompt + answer and the prompt length (the loss covers the answer and its eos only)."""
-    prompt = prompt_ids(tokenizer, title, k)
-    answer = tokenizer("\n".join(items[:k]) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    return prompt + answer, len(prompt)
-
-
 def sft_warm_start(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -80,37 +72,26 @@ def sft_warm_start(
     seed: int = 0,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[float]:
-    """Teach the fan-out format: (collection title -> its item names, one per line). Returns loss per step."""
-    examples = [_sft_example(tokenizer, title, items, k) for title, items in pairs if title.strip() and items]
-    if not examples:
+    """Teach the fan-out format on TRL's SFTTrainer: (collection title -> its item names, one per line), the loss
+    on the answer and its end-of-turn only, 10 warm-up steps then a linear decay. Returns the loss per step."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [{"prompt": build_messages(title, k), "completion": [{"role": "assistant", "content": "\n".join(items[:k])}]}
+            for title, items in pairs if title.strip() and items]
+    if not rows:
         raise ValueError("pairs: no (title, items) pair with a non-empty title and at least one item")
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
-    rng = random.Random(seed)
-    losses: list[float] = []
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc="sft", disable=None):
-        batch = rng.sample(examples, min(batch_size, len(examples)))
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full_like(input_ids, -100)
-        attention = torch.zeros_like(input_ids)
-        for row, (ids, n_prompt) in enumerate(batch):  # right padding: positions need no shifting
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            attention[row, : len(ids)] = 1
-        loss = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if log_fn:
-            log_fn(step, {"sft_loss": losses[-1]})
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is saved mid-run: the caller writes the model
+        args = SFTConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=min(batch_size, len(rows)),
+                         learning_rate=lr, lr_scheduler_type="linear", warmup_steps=min(10, steps), weight_decay=0.0,
+                         max_grad_norm=1.0, seed=seed, logging_steps=1, save_strategy="no", report_to="none",
+                         use_cpu=resolve_device().type == "cpu", bf16=False, fp16=False,
+                         gradient_checkpointing=False, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             callbacks=[LogCallback(log_fn, lambda logs: {"sft_loss": logs["loss"]})] if log_fn else [])
+        trainer.train()
     model.eval()
-    return losses
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
 
 
 def bootstrap_folm(

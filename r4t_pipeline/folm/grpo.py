@@ -7,7 +7,7 @@ then takes `num_iterations` optimizer steps on all of them with the per-token lo
 averaged over each completion's tokens, then over completions (TRL's `loss_type="grpo"`). The first iteration
 runs at π_θ = π_old, so ρ = 1 there. TRL does the sampling, the reward contract, the advantages, accelerate
 (several processes), LoRA through peft and checkpoints; `SoftPPOTrainer._compute_loss` is the one method
-that differs. On a GPU the same trainer takes `use_vllm=True` through `trainer_overrides`.
+that differs. On a GPU, `use_vllm: true` in the train config makes TRL generate with vLLM (colocated).
 """
 
 from __future__ import annotations
@@ -101,18 +101,17 @@ def _trl():
     return GRPOConfig, SoftPPOTrainer
 
 
-def reward_functions(reward_fn: RewardFn, terms: list[str]) -> list[Callable[..., list[float]]]:
+def reward_functions(reward_fn: RewardFn, terms: list[str], columns: list[str]) -> list[Callable[..., list[float]]]:
     """TRL reward functions from one scorer that returns every term at once: `total` (optimised) and each
-    term (weight 0 in `reward_weights`, so TRL logs it as rewards/<term>/mean). The scorer runs once per batch."""
+    term (weight 0 in `reward_weights`, so TRL logs it as rewards/<term>/mean). The scorer runs once per batch and
+    gets the training rows' own `columns` (TRL passes more: its state, logging hooks)."""
     cache: dict[str, Any] = {}
 
-    def scores(completions: list, query: list[str], **columns) -> list[dict[str, float]]:
+    def scores(completions: list, query: list[str], **passed) -> list[dict[str, float]]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         key = (tuple(query), tuple(texts))
         if cache.get("key") != key:
-            columns = {k: v for k, v in columns.items() if k not in {"prompts", "completion_ids", "trainer_state",
-                                                                     "log_extra", "log_metric", "environments"}}
-            cache.update(key=key, scores=reward_fn(query, texts, **columns))
+            cache.update(key=key, scores=reward_fn(query, texts, **{name: passed[name] for name in columns}))
             if len(cache["scores"]) != len(texts) or any("total" not in s for s in cache["scores"]):
                 raise ValueError(f"reward_fn must return one dict with a 'total' key per completion "
                                  f"({len(texts)} completions, got {len(cache['scores'])} results)")
@@ -199,13 +198,14 @@ def build_trainer(
     callbacks: list[TrainerCallback] = (),
     **overrides,
 ):
-    """The soft-PPO GRPO trainer for `model` (wrapped in LoRA when configured); `overrides` go to GRPOConfig."""
+    """(The soft-PPO GRPO trainer for `model`, wrapped in LoRA when configured, and the reward's term names).
+    One optimizer step covers a GRPO step's completions; `overrides` go to GRPOConfig (e.g. `logging_steps`)."""
     from datasets import Dataset
 
     GRPOConfig, SoftPPOTrainer = _trl()
-    first = train_queries[0]
-    terms = [name for name in reward_fn([first["query"]], [""], **{k: [v] for k, v in first.items() if k != "query"})[0]
-             if name != "total"]  # one probe call names the reward's terms
+    columns = [name for name in train_queries[0] if name != "query"]
+    probe = reward_fn([train_queries[0]["query"]], [""], **{name: [train_queries[0][name]] for name in columns})
+    terms = [name for name in probe[0] if name != "total"]  # one probe call names the reward's terms
     prompt = (lambda q: build_messages(q, config.k)) if tokenizer.chat_template else \
         (lambda q: build_prompt_text(q, config.k))
     dataset = Dataset.from_list([{"prompt": prompt(row["query"]), **row} for row in train_queries])
@@ -227,9 +227,10 @@ def build_trainer(
         "use_vllm": config.use_vllm, "vllm_mode": "colocate", **overrides})
     if config.lora_rank and not hasattr(model, "peft_config"):
         model = add_lora(model, config.lora_rank, config.lora_alpha or 2 * config.lora_rank)
-    return SoftPPOTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_functions(reward_fn, terms),
-                          args=args, train_dataset=dataset, callbacks=list(callbacks),
-                          beta_forward=config.beta_forward, beta_reverse=config.beta_reverse), terms
+    return SoftPPOTrainer(model=model, processing_class=tokenizer,
+                          reward_funcs=reward_functions(reward_fn, terms, columns), args=args, train_dataset=dataset,
+                          callbacks=list(callbacks), beta_forward=config.beta_forward,
+                          beta_reverse=config.beta_reverse), terms
 
 
 def train_folm(

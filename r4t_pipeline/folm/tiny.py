@@ -3,6 +3,7 @@ on (collection title -> item names, one per line). The warm-started model is the
 
 from __future__ import annotations
 
+import random
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -77,10 +78,14 @@ def sft_warm_start(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"prompt": build_messages(title, k), "completion": [{"role": "assistant", "content": "\n".join(items[:k])}]}
-            for title, items in pairs if title.strip() and items]
-    if not rows:
+    usable = [(title, items) for title, items in pairs if title.strip() and items]
+    if not usable:
         raise ValueError("pairs: no (title, items) pair with a non-empty title and at least one item")
+    # the run reads at most steps x batch_size examples: tokenize only those (a seeded draw without repeats, as
+    # one shuffled epoch would give), not the whole catalog
+    usable = random.Random(seed).sample(usable, min(len(usable), steps * batch_size))
+    rows = [{"prompt": build_messages(title, k), "completion": [{"role": "assistant", "content": "\n".join(items[:k])}]}
+            for title, items in usable]
     with tempfile.TemporaryDirectory() as scratch:  # nothing is saved mid-run: the caller writes the model
         args = SFTConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=min(batch_size, len(rows)),
                          learning_rate=lr, lr_scheduler_type="linear", warmup_steps=min(10, steps), weight_decay=0.0,

@@ -65,6 +65,18 @@ class SynthConfig(BaseModel):
     seed: int = 0
 
 
+SamplerName = Literal["heun", "dpm2m", "sde"]
+
+
+class SamplerSetting(BaseModel):
+    """One way to sample a diffusion model: the solver and its step count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sampler: SamplerName
+    steps: int = Field(ge=1)
+
+
 class NoiseSchedule(BaseModel):
     """Where noise levels come from: training draws (`kind`) and the sampler's range [sigma_min, sigma_max].
 

@@ -8,8 +8,8 @@ OAR: embedding proxies, on 0-100, of the paper's LLM-judge dimensions:
   diversity    = (VS(retrieved collections) - 1) / (K - 1)   (Vendi, cosine kernel; duplicates count)
   alignment    = mean cos(retrieved collection, E_q(query))
 Every number is a mean over queries with a bootstrap standard error over queries. R4T-Diffusion is also evaluated
-at a sweep of Heun step counts, each with its fan-out latency at batch 8, so the sampler's cost is read off beside
-what it buys.
+with a sweep of samplers and step counts, each with its fan-out latency at batch 8, so the sampler's cost is read
+off beside what it buys.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from vendi_score import vendi
 
 from r4t_pipeline.bench import time_batches
+from r4t_pipeline.diffusion.edm import network_calls
 from r4t_pipeline.encoders import l2_normalize
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
@@ -162,16 +163,18 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
             examples[method] = [{"query": f.query, "directions": [
                 {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
                 for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
-    sweep = {}
-    if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer steps give up
-        for steps in cfg.heun_sweep:
-            retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler="heun", steps=steps)
+    sweep = []
+    if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer network calls give up
+        for setting in cfg.sampler_sweep:
+            retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler=setting.sampler,
+                                              steps=setting.steps)
             timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
                                   cfg.latency_budget_seconds)["8"]
-            sweep[str(steps)] = {"metrics": evaluate(retriever, judged=False),  # the proxies; judge calls cost
-                                 "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))}
+            sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
+                          "metrics": evaluate(retriever, judged=False),  # the proxies; judge calls cost
+                          "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))})
     return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards,
-            "diffusion_sampling": settings.diffusion.sampling(), "heun_sweep": sweep}
+            "diffusion_sampling": settings.diffusion.sampling(), "sampler_sweep": sweep}
 
 
 def _labeller(catalog, regime: str):

@@ -16,6 +16,7 @@ from r4t_pipeline.methods import METHODS  # noqa: E402
 
 METHOD_NAMES = {name: method.title for name, method in METHODS.items()}
 OAR_COLUMNS = ("diversity", "alignment", "groundedness", "average")
+SAMPLER_NAMES = {"heun": "Heun (EDM)", "dpm2m": "DPM-Solver++(2M)", "sde": "reverse SDE"}
 
 
 def _cell(value: tuple[float, float], digits: int = 1) -> str:
@@ -53,18 +54,18 @@ def reward_table(evaluation: dict) -> str:
 
 
 def sweep_table(evaluation: dict) -> str:
-    """R4T-Diffusion at each swept Heun step count: the headline metrics and the fan-out latency at batch 8."""
-    sweep = evaluation.get("heun_sweep") or {}
+    """R4T-Diffusion with each swept sampler: the headline metrics and the fan-out latency at batch 8."""
+    sweep = evaluation.get("sampler_sweep") or []
     if not sweep:
         return ""
     columns = list(OAR_COLUMNS) if evaluation["regime"] == "oar" else [f"recall@{p}" for p in evaluation["pools"]]
-    rows = ["| Heun steps (network calls) | " + " | ".join(columns) + " | fan-out ms, batch 8 |",
-            "|---" * (len(columns) + 2) + "|"]
-    for steps, row in sorted(sweep.items(), key=lambda item: int(item[0])):
-        rows.append(f"| {steps} ({2 * int(steps) - 1}) | " + " | ".join(_cell(row["metrics"][c]) for c in columns)
-                    + f" | {row['fanout_ms_batch8']:.1f} |")
+    rows = ["| sampler | steps | network calls | " + " | ".join(columns) + " | fan-out ms, batch 8 |",
+            "|---" * (len(columns) + 4) + "|"]
+    for row in sorted(sweep, key=lambda r: (r["sampler"], r["network_calls"])):
+        rows.append(f"| {SAMPLER_NAMES[row['sampler']]} | {row['steps']} | {row['network_calls']} | "
+                    + " | ".join(_cell(row["metrics"][c]) for c in columns) + f" | {row['fanout_ms_batch8']:.1f} |")
     sampling = evaluation.get("diffusion_sampling", {})
-    evaluated = (f"The table above samples with {sampling.get('sampler')}, "
+    evaluated = (f"The table above samples with {SAMPLER_NAMES[sampling['sampler']]}, "
                  f"{sampling.get('sampler_steps') or 'its default'} steps, guidance w = {sampling.get('guidance')}. "
                  if sampling else "")
     return "\n".join(rows) + f"\n\n{evaluated}Fan-out latency includes query encoding (median, this machine)."
@@ -157,12 +158,14 @@ def serve_markdown(serve: dict) -> list[str]:
     from r4t_pipeline.loadgen import format_serve_table
 
     cfg = serve["config"]
-    steps = cfg.get("serve_sampler_steps") or cfg.get("sampling", {}).get("sampler_steps") or "default"
+    sampling = cfg.get("sampling", {})
+    steps = cfg.get("serve_sampler_steps") or sampling.get("sampler_steps") or "default"
     ratio = ", ".join(f"{c} clients {r}x" for c, r in serve.get("diffusion_over_folm_throughput", {}).items())
     return [f"#### Served over HTTP (`r4t serve`, {serve['catalog']} {serve['regime'].upper()})", "",
             format_serve_table(serve), "",
             f"Closed loop: each client sends its next request when answered; latencies in ms include HTTP, query "
-            f"encoding, micro-batched sampling and search. R4T-Diffusion served with {steps} sampler steps "
+            f"encoding, micro-batched sampling and search. R4T-Diffusion served with {steps} steps of "
+            f"{SAMPLER_NAMES.get(sampling.get('sampler'), 'its sampler')} "
             f"(the sweep above gives their quality); {cfg.get('torch_threads') or 'all'} torch thread(s); the load "
             f"generator runs on the same machine. Throughput, R4T-Diffusion over R4T-FOLM: {ratio or 'n/a'}.", ""]
 
@@ -182,7 +185,7 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
                   "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
                   reward_table(ev), ""]
         if sweep := sweep_table(ev):
-            parts += ["### R4T-Diffusion: sampler steps against quality and latency", "", sweep, ""]
+            parts += ["### R4T-Diffusion: samplers against quality and latency", "", sweep, ""]
         parts += ["### Examples", "", _examples_md(ev), ""]
     if benchmarks:
         from r4t_pipeline.bench import format_table

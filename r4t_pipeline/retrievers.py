@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
+from r4t_pipeline.config import SamplerName
 from r4t_pipeline.encoders import EmbeddingSpace
 from r4t_pipeline.fanout import parse_fanout
 from r4t_pipeline.index import VectorIndex
@@ -153,7 +153,7 @@ class R4TDiffusion(Retriever):
 
     name = "r4t_diffusion"
 
-    def __init__(self, space: EmbeddingSpace, index: VectorIndex, model, sampler: Literal["heun", "sde"] = "heun",
+    def __init__(self, space: EmbeddingSpace, index: VectorIndex, model, sampler: SamplerName = "heun",
                  steps: int | None = None, guidance: float = 0.1):
         super().__init__(space, index)
         self.model, self.sampler, self.steps, self.guidance = model, sampler, steps, guidance

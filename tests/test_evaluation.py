@@ -43,9 +43,9 @@ def test_report_renders_both_tables_in_method_order(smoke):
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
     markdown = render_markdown(evaluations, [])
     page = render_html(markdown, {"figure": "iVBORw0KGgo="})
-    # per regime: methods, training reward, and R4T-Diffusion at each swept Heun step count (smoke: 2 steps)
+    # per regime: methods, training reward, and R4T-Diffusion with each swept sampler (smoke: DPM-Solver++, 2 steps)
     assert page.count("<table>") == 6 and "src='data:image/png;base64," in page and "http" not in page
-    assert markdown.count("| 2 (3) | ") == 2 and "guidance w = " in markdown
+    assert markdown.count("| DPM-Solver++(2M) | 2 | 2 | ") == 2 and "guidance w = " in markdown
     report = (smoke.path("evaluation_report") / "report.md").read_text()
     served = report[report.index("#### Served over HTTP"):report.index("Closed loop:")].splitlines()
     rows = [line.split("|") for line in served if line.startswith("| ") and "clients" not in line]

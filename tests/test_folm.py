@@ -172,6 +172,54 @@ def test_the_loss_on_fixed_inputs_is_soft_ppo(tiny_dir, tmp_path):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+GRADIENT_SCRIPT = """
+import os, sys, torch
+from r4t_pipeline.folm import FolmTrainConfig, load_causal_lm
+from r4t_pipeline.folm.grpo import build_trainer
+
+def reward(queries, completions):
+    return [{"total": 0.0} for _ in completions]
+
+torch.set_num_threads(1)
+model, tokenizer = load_causal_lm(sys.argv[1], "cpu")
+config = FolmTrainConfig(k=5, group_size=4, per_step_queries=2, micro_batch_size=8, beta_forward=0.3, beta_reverse=0.1)
+trainer, _ = build_trainer(model, tokenizer, [{"query": "boho"}], reward, config, os.path.join(sys.argv[2], "trl"))
+rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+generator = torch.Generator().manual_seed(0)  # one GRPO step's 8 completions; each process takes its half
+step = {"prompt_ids": torch.randint(3, 500, (8, 6), generator=generator), "prompt_mask": torch.ones(8, 6).long(),
+        "completion_ids": torch.randint(3, 500, (8, 7), generator=generator),
+        "completion_mask": (torch.arange(7) < torch.randint(1, 8, (8, 1), generator=generator)).long(),
+        "advantages": torch.randn(8, generator=generator),
+        "old_per_token_logps": torch.randn(8, 7, generator=generator) * 0.3 - 6}
+share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+wrapped = trainer.accelerator.prepare_model(trainer.model)  # DistributedDataParallel across processes
+trainer.current_gradient_accumulation_steps = 1
+trainer.accelerator.backward(trainer._compute_loss(wrapped, {k: v[share] for k, v in step.items()}))
+if trainer.accelerator.is_main_process:
+    torch.save([p.grad for p in trainer.accelerator.unwrap_model(wrapped).parameters()],
+               os.path.join(sys.argv[2], f"gradient-{world}.pt"))
+"""
+
+
+def test_two_processes_take_the_one_process_gradient_step(tiny_dir, tmp_path):
+    """What makes the data-parallel GRPO curve the one-process curve in distribution: on the same completions, the
+    two processes' halves (DDP over gloo averaging their gradients) give the gradient of the whole step, loss
+    normalisation and KL terms included. (The completions themselves differ: each process samples its own.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "gradient.py"
+    script.write_text(GRADIENT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tiny_dir[0]), str(tmp_path)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    str(script), str(tiny_dir[0]), str(tmp_path)], check=True, env=env)
+    one, two = (torch.load(tmp_path / f"gradient-{n}.pt") for n in (1, 2))
+    assert sum(g.abs().sum() for g in one) > 0
+    for a, b in zip(one, two, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_the_ratio_is_one_at_the_first_iteration_then_kl_acts(tiny_dir, tmp_path):
     config = FolmTrainConfig(steps=1, group_size=4, per_step_queries=2, learning_rate=3e-3, max_new_tokens=16, k=K,
                              micro_batch_size=4, num_iterations=2, seed=1)

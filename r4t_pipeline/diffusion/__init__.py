@@ -4,6 +4,7 @@ from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule
 from r4t_pipeline.diffusion.denoiser import PRESETS, DenoiserConfig, SetDenoiser, parameter_count
 from r4t_pipeline.diffusion.edm import (
     EDMPrecond,
+    dpm2m_sample,
     edm_loss,
     guided_denoiser,
     heun_sample,
@@ -26,6 +27,7 @@ __all__ = [
     "EDMPrecond",
     "NoiseSchedule",
     "SetDenoiser",
+    "dpm2m_sample",
     "edm_loss",
     "guided_denoiser",
     "heun_sample",

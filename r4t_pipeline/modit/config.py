@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule, deep_merge
+from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule, SamplerName, deep_merge
 from r4t_pipeline.io import stable_hash
 
 Protocol = Literal["item", "pattern"]
@@ -166,7 +166,7 @@ class SamplingConfig(Strict):
     amplify the denoiser's errors at small sigma). More steps sample the distribution (for several queries per
     seed set), and pay off only with a well-trained model."""
 
-    sampler: Literal["heun", "sde"] = "heun"
+    sampler: SamplerName = "heun"
     steps: int = Field(1, ge=1)
     guidance: float = Field(0.0, ge=0)
     queries_per_seed_set: int = Field(1, ge=1, description="generated queries per seed set; neighbours interleaved")

@@ -1,7 +1,7 @@
 """Fan-out latency benchmark (SPEC §7): wall-clock time per batch for every method, in one process on
 one machine; warm-up excluded, median over repeats. The diffusion retriever runs with its configured sampler
-(the evaluated one) and with the paper's SDE sampler (256 steps). Methods too slow for a batch size on this
-machine (one run over `budget_seconds`) skip the larger sizes, and the JSON says so."""
+(the evaluated one) and with the paper's SDE sampler (256 steps). A method skips a batch size whose time, projected
+linearly from the size before it, exceeds `budget_seconds` on this machine, and the JSON says so."""
 
 from __future__ import annotations
 

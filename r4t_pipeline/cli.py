@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated positive integers (default 8,64,256,1024)")
     bench.add_argument("--repeats", type=positive_int, default=3)
     bench.add_argument("--budget-seconds", type=float, default=120.0,
-                       help="skip larger batches of a method once one run exceeds this")
+                       help="skip a batch size whose time, projected linearly from the size before it, "
+                            "exceeds this")
     bench.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     bench.add_argument("--out", type=Path, default=Path("bench.json"))
     bench.add_argument("--serve", action="store_true",

@@ -126,7 +126,7 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
 
     cfg, k = settings.evaluation, settings.rewards.k
     test = _sample(load_corpus(corpus_path, regime, "test"), cfg.max_queries, cfg.seed)
-    val = _sample(load_corpus(corpus_path, regime, "val"), cfg.max_queries, cfg.seed)
+    val = _sample(load_corpus(corpus_path, regime, "val"), cfg.max_validation_queries or cfg.max_queries, cfg.seed)
     catalog = Catalog.load(catalog_path)
     queries = test["query"].to_list()
     paper_pool = k * cfg.per_direction

@@ -196,7 +196,7 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
             parts += [f"### {benchmark['catalog']} · {benchmark['regime'].upper()}", "",
                       format_table(benchmark["results"], sizes), "",
                       f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
-                      "n/a = skipped after exceeding the time budget.", ""]
+                      "n/a = skipped: its time, projected from the batch before, exceeds the time budget.", ""]
             if serve := benchmark.get("serve"):
                 parts += serve_markdown(serve)
     if modit:

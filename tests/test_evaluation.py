@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 
@@ -6,6 +7,7 @@ from r4t_pipeline.evaluation import run_vendi, wscr_pool_metrics
 from r4t_pipeline.report import metrics_table, render_html, render_markdown
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch
 from r4t_pipeline.stats import mean_and_error
+from r4t_pipeline.timing import time_by_batch_size
 
 
 def _fanout(directions, ids):
@@ -17,6 +19,21 @@ def test_recall_and_hit_by_hand():
     scores = wscr_pool_metrics(batch, [["a", "b", "z", "z"], ["q"]])
     np.testing.assert_allclose(scores["recall"], [2 / 3, 0.0])  # the reference is a set: {a, b, z}
     np.testing.assert_allclose(scores["hit"], [1.0, 0.0])
+
+
+def test_a_batch_size_projected_over_the_budget_is_skipped_with_every_larger_one():
+    """Sizes are timed in order; one whose time, linear in the batch size from the size before, exceeds the budget
+    is skipped (and the sizes after it), so a slow method never runs its largest batches."""
+    def run(batch, repeat):
+        time.sleep(0.004 * len(batch))  # 4 ms per query, as an autoregressive method pays
+        return {"fanout_median_seconds": 0.001}
+
+    results = time_by_batch_size(lambda n: ["q"] * n, run, [1, 8, 256, 16], repeats=2, budget_seconds=0.5,
+                                 unit="query")
+    assert list(results) == ["1", "8", "16", "256"]  # in size order
+    assert all(results[n]["median_seconds"] >= 0.004 * int(n) for n in ("1", "8", "16"))
+    assert len(results["16"]["runs"]) == 2 and results["16"]["fanout_median_seconds"] == 0.001
+    assert results["256"]["skipped"].startswith("projected ") and "s from batch 16," in results["256"]["skipped"]
 
 
 def test_vendi_across_runs():

@@ -22,6 +22,7 @@ from vendi_score import vendi
 from r4t_pipeline.bench import time_batches
 from r4t_pipeline.diffusion.edm import network_calls
 from r4t_pipeline.encoders import l2_normalize
+from r4t_pipeline.methods import KEPT_QUERY
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
 
@@ -151,7 +152,7 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
     def evaluate(retriever: Retriever, judged: bool = True) -> dict[str, tuple[float, float]]:
         if regime == "wscr":
             return evaluate_wscr(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs, cfg.seed)
-        return evaluate_oar(retriever, queries, k, cfg.seed, judge if judged else None, label)
+        return evaluate_oar(retriever, queries, k + retriever.keep_query, cfg.seed, judge if judged else None, label)
 
     metrics, examples, rewards = {}, {}, {}
     for method in methods or stack.METHODS:
@@ -163,6 +164,10 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
             examples[method] = [{"query": f.query, "directions": [
                 {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
                 for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
+    for method in cfg.keep_query_methods:  # the query as one more direction (RAG-Fusion keeps it)
+        if method in metrics:
+            metrics[f"{method}{KEPT_QUERY}"] = evaluate(
+                stack.build_retriever(settings, regime, method, artefacts, keep_query=True))
     sweep = []
     if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer network calls give up
         for setting in cfg.sampler_sweep:

@@ -12,11 +12,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from r4t_pipeline.methods import METHODS  # noqa: E402
+from r4t_pipeline.methods import KEPT_QUERY, METHODS  # noqa: E402
 
 METHOD_NAMES = {name: method.title for name, method in METHODS.items()}
 OAR_COLUMNS = ("diversity", "alignment", "groundedness", "average")
 SAMPLER_NAMES = {"heun": "Heun (EDM)", "dpm2m": "DPM-Solver++(2M)", "sde": "reverse SDE"}
+
+
+def _method_order(key: str) -> tuple[int, bool]:
+    """Registry order, each method's "+ query" row right after it."""
+    return list(METHOD_NAMES).index(key.removesuffix(KEPT_QUERY)), key.endswith(KEPT_QUERY)
+
+
+def _method_title(key: str) -> str:
+    base = key.removesuffix(KEPT_QUERY)
+    return METHOD_NAMES.get(base, base) + (" + query" if key.endswith(KEPT_QUERY) else "")
 
 
 def _cell(value: tuple[float, float], digits: int = 1) -> str:
@@ -33,10 +43,10 @@ def metrics_table(evaluation: dict) -> str:
         columns = [f"{m}@{p}" for p in pools for m in ("recall", "hit")] + ["vendi"]
     header = "| method | " + " | ".join(columns) + " |"
     rows = [header, "|---" * (len(columns) + 1) + "|"]
-    for method in sorted(metrics, key=list(METHOD_NAMES).index):
+    for method in sorted(metrics, key=_method_order):
         values = metrics[method]
         digits = [2 if c == "vendi" else 1 for c in columns]
-        rows.append(f"| {METHOD_NAMES.get(method, method)} | "
+        rows.append(f"| {_method_title(method)} | "
                     + " | ".join(_cell(values[c], d) for c, d in zip(columns, digits)) + " |")
     return "\n".join(rows)
 
@@ -72,12 +82,14 @@ def sweep_table(evaluation: dict) -> str:
 
 
 def _pool_note(evaluation: dict) -> str:
+    kept = (" \"+ query\": the same fan-out with the query kept as one more direction (RAG-Fusion keeps it), the pool "
+            "split over K + 1 directions." if any(m.endswith(KEPT_QUERY) for m in evaluation["metrics"]) else "")
     if evaluation["regime"] == "oar":
         return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
-                "Mean ± bootstrap standard error over test queries.")
+                "Mean ± bootstrap standard error over test queries." + kept)
     pools = ", ".join(f"{label} = {size:,} candidates" for label, size in evaluation["pools"].items())
     return (f"Pools per query: {pools} (the paper's 5K is 3.5% of its catalog; both shown). Recall/Hit in %. "
-            "Vendi across independent runs. Mean ± bootstrap standard error over test queries.")
+            "Vendi across independent runs. Mean ± bootstrap standard error over test queries." + kept)
 
 
 def _figure_png(draw) -> str:

@@ -47,6 +47,9 @@ class RetrievalBatch:
 
 class Retriever(ABC):
     name: str
+    # True: E_q(q) joins each fan-out as its first direction (and the query as its first sub-query), as RAG-Fusion
+    # keeps the original query among its generated ones
+    keep_query: bool = False
 
     def __init__(self, space: EmbeddingSpace, index: VectorIndex):
         self.space, self.index = space, index
@@ -62,6 +65,10 @@ class Retriever(ABC):
             raise ValueError("queries must be non-empty texts")
         started = time.perf_counter()
         directions, subqueries = self.directions(queries, seed, reference_ids)
+        if self.keep_query:
+            own = self.space.encode_queries(queries)
+            directions = [np.vstack([own[i:i + 1], d]) for i, d in enumerate(directions)]
+            subqueries = None if subqueries is None else [[q, *s] for q, s in zip(queries, subqueries)]
         fanned = time.perf_counter()
         per_direction = [max(1, -(-pool_size // len(d))) for d in directions]  # ceil
         rows = np.concatenate(directions)

@@ -28,6 +28,7 @@ from r4t_pipeline.config import (
     deep_merge,
 )
 from r4t_pipeline.io import stable_hash
+from r4t_pipeline.methods import METHODS
 from r4t_pipeline.modit.config import MODIT_PROFILES, ModitConfig, default_tasks
 from r4t_pipeline.paths import REPO_ROOT
 
@@ -182,6 +183,9 @@ class EvaluationSettings(Section):
     max_validation_queries: int | None = Field(None, description="validation queries for the training-reward "
                                                                  "table; None: as many as max_queries")
     runs: int = Field(5, description="independent runs per query for the WSCR Vendi Score")
+    keep_query_methods: list[str] = Field(default_factory=list,
+                                          description="fan-out methods evaluated again with the query kept as one "
+                                                      "more direction (reported as '<method> + query')")
     per_direction: int = Field(500, description="WSCR candidates per direction (paper: 500, pool 5,000)")
     catalog_pool_fraction: float = Field(0.035, description="second WSCR pool: this fraction of the catalog")
     best_of_n: int = 10
@@ -203,6 +207,15 @@ class EvaluationSettings(Section):
         + [SamplerSetting(sampler="dpm2m", steps=s) for s in (4, 8)],
         description="R4T-Diffusion evaluated again with each of these samplers: quality and fan-out latency at "
                     "batch 8 side by side")
+
+    @field_validator("keep_query_methods")
+    @classmethod
+    def _fanout_methods(cls, methods: list[str]) -> list[str]:
+        bad = [m for m in methods if m not in METHODS or m == "no_fanout"]
+        if bad:
+            raise ValueError(f"{bad}: keep the query with the fan-out methods, "
+                             f"{', '.join(m for m in METHODS if m != 'no_fanout')}")
+        return methods
 
     def version(self) -> str:
         """What the evaluation tables read (the latency benchmark's own settings stay out)."""
@@ -316,6 +329,7 @@ PROFILES: dict[str, dict] = {
                       "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,
                                 "checkpoint_every": 100}},
         "evaluation": {"max_queries": 40, "max_validation_queries": 20, "runs": 3, "best_of_n": 4, "latency_repeats": 1,
+                       "keep_query_methods": ["r4t_diffusion"],
                        "latency_batch_sizes": [8, 256], "latency_budget_seconds": 30,
                        "serve_concurrency": [1, 8], "serve_requests": 100,
                        "sampler_sweep": [{"sampler": "heun", "steps": 18}]
@@ -334,6 +348,7 @@ PROFILES: dict[str, dict] = {
         "diffusion": {"denoiser_preset": "smoke", "sampler_steps": 4,
                       "train": {"steps": 20, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10}},
         "evaluation": {"max_queries": 4, "runs": 2, "per_direction": 20, "best_of_n": 2,
+                       "keep_query_methods": ["r4t_diffusion"],
                        "latency_batch_sizes": [4, 8], "latency_repeats": 1,
                        "sampler_sweep": [{"sampler": "dpm2m", "steps": 2}],
                        "serve_concurrency": [2], "serve_requests": 4},
@@ -351,6 +366,7 @@ PROFILES: dict[str, dict] = {
                       "train": {"steps": 100000, "batch_size": 512, "lr": 1e-4, "warmup_steps": 1000,
                                 "ema_decay": 0.9999, "checkpoint_every": 2000}},
         "evaluation": {"max_queries": None, "runs": 5, "best_of_n": 10,
+                       "keep_query_methods": ["zero_shot", "best_of_n", "r4t_folm", "r4t_diffusion"],
                        "sampler_sweep": [{"sampler": "heun", "steps": s} for s in (8, 16, 32)]
                        + [{"sampler": "dpm2m", "steps": s} for s in (8, 16)]},
     },

@@ -105,10 +105,21 @@ class RetrieverArtefacts:
 
 
 def build_retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts,
-                    sampler: str | None = None, steps: int | None = None, cached: bool = True) -> Retriever:
-    """Any registered method over the regime's database (`cached`: see `embedding_space`)."""
+                    sampler: str | None = None, steps: int | None = None, cached: bool = True,
+                    keep_query: bool = False) -> Retriever:
+    """Any registered method over the regime's database (`cached`: see `embedding_space`); `keep_query`: the
+    query joins a fan-out method's directions (see `Retriever`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if keep_query and method == "no_fanout":
+        raise ValueError("no_fanout is the query alone; keep_query applies to the fan-out methods")
+    retriever = _retriever(settings, regime, method, artefacts, sampler, steps, cached)
+    retriever.keep_query = keep_query
+    return retriever
+
+
+def _retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts, sampler: str | None,
+               steps: int | None, cached: bool) -> Retriever:
     space, index = embedding_space(settings, cached=cached), VectorIndex.load(artefacts.index)
     k, train = settings.rewards.k, settings.folm.train
     text_kwargs = {"k": k, "temperature": train.temperature, "max_new_tokens": train.max_new_tokens,

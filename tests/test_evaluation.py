@@ -56,7 +56,8 @@ def test_report_renders_both_tables_in_method_order(smoke):
     oar_table = metrics_table(evaluations[0]).splitlines()
     assert oar_table[0] == "| method | diversity | alignment | groundedness | average |"
     assert [row.split("|")[1].strip() for row in oar_table[2:]] == [
-        "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion", "Supervised set diffusion"]
+        "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion", "R4T-Diffusion + query",
+        "Supervised set diffusion"]  # smoke: R4T-Diffusion is evaluated again with the query kept
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
     markdown = render_markdown(evaluations, [])
     page = render_html(markdown, {"figure": "iVBORw0KGgo="})

@@ -41,6 +41,28 @@ def test_same_seed_same_diffusion_fanout(smoke):
     assert not np.allclose(a.directions, c.directions)
 
 
+@pytest.mark.parametrize("method", ["r4t_folm", "r4t_diffusion"])
+def test_the_query_keeps_a_seat_as_the_first_direction(smoke, method):
+    """keep_query: the same fan-out with E_q(q) before its directions (and the query before its sub-queries)."""
+    _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "oar", [method])
+    plain, kept = (stack.build_retriever(smoke.settings, "oar", method, artefacts, keep_query=keep)
+                   for keep in (False, True))
+    query_only = stack.build_retriever(smoke.settings, "oar", "no_fanout", artefacts)
+    queries = ["bohemian festival style", "office essentials"]
+    without, with_query = (r.retrieve(queries, pool_size=30, seed=2).fanouts for r in (plain, kept))
+    own = plain.space.encode_queries(queries)
+    for query, vector, a, b in zip(queries, own, without, with_query):
+        np.testing.assert_allclose(b.directions[0], vector, atol=1e-6)
+        np.testing.assert_array_equal(b.directions[1:], a.directions)  # same seed, same fan-out
+        alone = query_only.retrieve([query], pool_size=len(b.candidate_ids[0])).fanouts[0]
+        assert b.candidate_ids[0] == alone.candidate_ids[0]  # the query's own seat retrieves what it alone would
+        assert (b.subqueries is None) == (method == "r4t_diffusion")
+        if b.subqueries is not None:
+            assert b.subqueries == [query, *a.subqueries]
+    with pytest.raises(ValueError, match="no_fanout is the query alone"):
+        stack.build_retriever(smoke.settings, "oar", "no_fanout", artefacts, keep_query=True)
+
+
 def test_bad_requests_are_refused_clearly(smoke):
     _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "oar", [])
     with pytest.raises(ValueError, match="unknown method 'magic'"):

@@ -166,8 +166,8 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
                 for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
     for method in cfg.keep_query_methods:  # the query as one more direction (RAG-Fusion keeps it)
         if method in metrics:
-            metrics[f"{method}{KEPT_QUERY}"] = evaluate(
-                stack.build_retriever(settings, regime, method, artefacts, keep_query=True))
+            metrics[f"{method}{KEPT_QUERY}"] = evaluate(  # the proxies; judge calls cost
+                stack.build_retriever(settings, regime, method, artefacts, keep_query=True), judged=False)
     sweep = []
     if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer network calls give up
         for setting in cfg.sampler_sweep:

@@ -47,7 +47,7 @@ def metrics_table(evaluation: dict) -> str:
         values = metrics[method]
         digits = [2 if c == "vendi" else 1 for c in columns]
         rows.append(f"| {_method_title(method)} | "
-                    + " | ".join(_cell(values[c], d) for c, d in zip(columns, digits)) + " |")
+                    + " | ".join(_cell(values[c], d) if c in values else "-" for c, d in zip(columns, digits)) + " |")
     return "\n".join(rows)
 
 

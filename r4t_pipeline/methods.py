@@ -23,4 +23,5 @@ METHODS = {m.name: m for m in (
 )}
 CATALOG_ASSETS = ("folm_base", "supervised_diffusion")  # one per catalog, shared by its regimes
 ALIASES = {"diffusion": "r4t_diffusion", "folm": "r4t_folm"}
+FANOUT_METHODS = tuple(name for name in METHODS if name != "no_fanout")  # the ones that can also keep the query
 KEPT_QUERY = "+query"  # suffix of a method's key in the evaluation when the query was kept as one more direction

@@ -28,7 +28,7 @@ from r4t_pipeline.config import (
     deep_merge,
 )
 from r4t_pipeline.io import stable_hash
-from r4t_pipeline.methods import METHODS
+from r4t_pipeline.methods import FANOUT_METHODS
 from r4t_pipeline.modit.config import MODIT_PROFILES, ModitConfig, default_tasks
 from r4t_pipeline.paths import REPO_ROOT
 
@@ -211,10 +211,9 @@ class EvaluationSettings(Section):
     @field_validator("keep_query_methods")
     @classmethod
     def _fanout_methods(cls, methods: list[str]) -> list[str]:
-        bad = [m for m in methods if m not in METHODS or m == "no_fanout"]
+        bad = [m for m in methods if m not in FANOUT_METHODS]
         if bad:
-            raise ValueError(f"{bad}: keep the query with the fan-out methods, "
-                             f"{', '.join(m for m in METHODS if m != 'no_fanout')}")
+            raise ValueError(f"{bad}: keep the query with the fan-out methods, {', '.join(FANOUT_METHODS)}")
         return methods
 
     def version(self) -> str:

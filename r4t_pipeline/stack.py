@@ -10,7 +10,7 @@ from pathlib import Path
 from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, build_encoder
 from r4t_pipeline.index import VectorIndex
 from r4t_pipeline.io import file_sha256
-from r4t_pipeline.methods import CATALOG_ASSETS
+from r4t_pipeline.methods import CATALOG_ASSETS, FANOUT_METHODS
 from r4t_pipeline.methods import METHODS as REGISTERED
 from r4t_pipeline.paths import assets_dir
 from r4t_pipeline.records import Record, RecordStore, check_consistent
@@ -111,7 +111,7 @@ def build_retriever(settings: Settings, regime: str, method: str, artefacts: Ret
     query joins a fan-out method's directions (see `Retriever`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if keep_query and method == "no_fanout":
+    if keep_query and method not in FANOUT_METHODS:
         raise ValueError("no_fanout is the query alone; keep_query applies to the fan-out methods")
     retriever = _retriever(settings, regime, method, artefacts, sampler, steps, cached)
     retriever.keep_query = keep_query

@@ -17,7 +17,7 @@ def time_by_batch_size(make_batch: Callable[[int], Any], run: Callable[[Any, int
     so every size after it). Linear in the batch size is what an autoregressive method pays; batched ones pay
     less, so the projection errs towards skipping."""
     results: dict[str, dict] = {}
-    last: tuple[int, float] | None = None  # (size, median seconds) of the last size timed
+    last: tuple[int, float] | None = None  # the size before: (size, its median seconds, or its projection if skipped)
     for size in sorted(batch_sizes):
         projected = last[1] * size / last[0] if last else 0.0
         if projected > budget_seconds:  # and so is every larger size, projected from this one

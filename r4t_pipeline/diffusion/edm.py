@@ -145,20 +145,19 @@ def dpm2m_sample(
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022; k-diffusion's `sample_dpmpp_2m`): one network call per step, the
     exact exponential-integrator step x' = (sigma'/sigma) x + (1 - sigma'/sigma) D in log-sigma time, with D
-    extrapolated linearly from this call and the previous one (second order; first order on the first and last
-    steps). Uses `steps` network evaluations, against Heun's 2 * steps - 1."""
+    extrapolated linearly from this call and the previous one (second order; first order on the first step). The
+    last step, to sigma = 0, lands on the denoised estimate. Uses `steps` network evaluations, against Heun's
+    2 * steps - 1."""
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = sigmas[0] * torch.randn(shape, generator=generator, device=device)
     previous, h_previous = None, None
-    for t_cur, t_next in itertools.pairwise(sigmas):
+    for t_cur, t_next in itertools.pairwise(sigmas[:-1]):
         denoised = denoise(x, t_cur)
-        if t_next == 0:  # the last step lands on the denoised estimate
-            return denoised
         h = math.log(t_cur / t_next)
         estimate = denoised if previous is None else denoised + (denoised - previous) * h / (2 * h_previous)
         x = (t_next / t_cur) * x + (1 - t_next / t_cur) * estimate
         previous, h_previous = denoised, h
-    return x
+    return denoise(x, sigmas[-2])
 
 
 def network_calls(sampler: str, steps: int) -> int:

@@ -90,6 +90,7 @@ def run_benchmark(settings, catalog: str, regime: str, corpus_path: str, artefac
         results[name] = time_batches(retriever, queries, batch_sizes, repeats, pool, budget_seconds)
     return {"machine": machine(), "catalog": catalog, "regime": regime, "pool_size": pool,
             "config": {"batch_sizes": batch_sizes, "repeats": repeats, "budget_seconds": budget_seconds,
-                       "k": settings.rewards.k, "profile": settings.profile},
+                       "k": settings.rewards.k, "profile": settings.profile,
+                       "query_runtime": settings.query_runtime},
             "results": results,
             "folm_over_diffusion": {v: folm_diffusion_ratio(results, "r4t_folm", v) for v in variants}}

@@ -66,6 +66,8 @@ class SynthConfig(BaseModel):
 
 
 SamplerName = Literal["heun", "dpm2m", "sde"]
+# how the networks that run per query (the query encoder, the diffusion denoiser) execute: see `runtime`
+QueryRuntime = Literal["torch", "onnx"]
 
 
 class SamplerSetting(BaseModel):

@@ -56,15 +56,46 @@ class MiniLMEncoder(Encoder):
     name = "all-MiniLM-L6-v2"
     native_dim = 384
 
-    def __init__(self, model_path: str | None = None, device: str | None = None, max_seq_length: int = 64):
+    def __init__(self, model_path: str | None = None, device: str | None = None, max_seq_length: int = 64,
+                 onnx_dir: str | os.PathLike | None = None):
+        """`onnx_dir`: run the network in ONNX Runtime, exported to this folder once (see `runtime`)."""
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(model_path or _minilm_location(), device=str(resolve_device(device)))
         self.model.max_seq_length = max_seq_length
+        self.onnx = None
+        if onnx_dir is not None:
+            from r4t_pipeline.runtime import OnnxModule
+
+            example = self.model.tokenize(["an example query", "a second, longer example of a query"])
+            self.onnx = OnnxModule(_SentenceEmbedding(self.model), [example[n] for n in _SentenceEmbedding.inputs],
+                                   _SentenceEmbedding.inputs,
+                                   {n: {0: "batch", 1: "tokens"} for n in _SentenceEmbedding.inputs}, onnx_dir)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                 normalize_embeddings=False, show_progress_bar=False)
+        if self.onnx is None:
+            return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                     normalize_embeddings=False, show_progress_bar=False)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            features = self.model.tokenize(list(texts[start:start + batch_size]))
+            out.append(self.onnx(*(features[n] for n in self.onnx.names)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.native_dim), np.float32)
+
+
+class _SentenceEmbedding(torch.nn.Module):
+    """The SentenceTransformer pipeline (BERT, pooling, normalisation) with tensors in and out, to export."""
+
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]  # what MiniLM's tokenizer gives
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+                ) -> torch.Tensor:
+        features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.model(features)["sentence_embedding"]
 
 
 def _minilm_location() -> str:
@@ -192,9 +223,13 @@ class EmbeddingSpace:
 
 
 def build_encoder(kind: str, *, model_path: str | None = None, architecture: str = "ViT-B-32",
-                  pretrained: str | None = None, device: str | None = None) -> Encoder:
+                  pretrained: str | None = None, device: str | None = None,
+                  onnx_dir: str | os.PathLike | None = None) -> Encoder:
+    """`onnx_dir`: the MiniLM network in ONNX Runtime (see `runtime`)."""
     if kind == "minilm":
-        return MiniLMEncoder(model_path, device)
+        return MiniLMEncoder(model_path, device, onnx_dir=onnx_dir)
+    if onnx_dir is not None:
+        raise ValueError(f"the ONNX runtime runs the minilm encoder, not {kind!r}; set query_runtime: torch")
     if kind == "open_clip":
         return OpenClipEncoder(architecture, pretrained, device)
     raise ValueError(f"unknown encoder kind {kind!r}; expected 'minilm' or 'open_clip'")

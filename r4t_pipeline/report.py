@@ -165,6 +165,9 @@ def modit_markdown(evaluation: dict, latency: dict | None) -> list[str]:
     return parts
 
 
+_RUNTIMES = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
+
+
 def serve_markdown(serve: dict) -> list[str]:
     """`r4t serve` under closed-loop load on this machine: one query per request, the load generator included."""
     from r4t_pipeline.loadgen import format_serve_table
@@ -178,7 +181,8 @@ def serve_markdown(serve: dict) -> list[str]:
             f"Closed loop: each client sends its next request when answered; latencies in ms include HTTP, query "
             f"encoding, micro-batched sampling and search. R4T-Diffusion served with {steps} steps of "
             f"{SAMPLER_NAMES.get(sampling.get('sampler'), 'its sampler')} "
-            f"(the sweep above gives their quality); {cfg.get('torch_threads') or 'all'} torch thread(s); the load "
+            f"(the sweep above gives their quality); encoder and denoiser in "
+            f"{_RUNTIMES[cfg.get('query_runtime', 'torch')]}; {cfg.get('torch_threads') or 'all'} thread(s); the load "
             f"generator runs on the same machine. Throughput, R4T-Diffusion over R4T-FOLM: {ratio or 'n/a'}.", ""]
 
 
@@ -207,8 +211,10 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
             sizes = benchmark["config"]["batch_sizes"]
             parts += [f"### {benchmark['catalog']} · {benchmark['regime'].upper()}", "",
                       format_table(benchmark["results"], sizes), "",
-                      f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; "
-                      "n/a = skipped: its time, projected from the batch before, exceeds the time budget.", ""]
+                      f"Machine: {benchmark['machine']['device']}, torch {benchmark['machine']['torch']}; query "
+                      f"encoder and denoiser in {_RUNTIMES[benchmark['config'].get('query_runtime', 'torch')]}, the "
+                      "FOLMs' generation in PyTorch; n/a = skipped: its time, projected from the batch before, exceeds "
+                      "the time budget.", ""]
             if serve := benchmark.get("serve"):
                 parts += serve_markdown(serve)
     if modit:

@@ -31,20 +31,28 @@ METHODS = tuple(REGISTERED)
 BASE_RECORD = "r4t_base.json"  # in a folm_base version: which model the zero-shot FOLM is
 
 
-def embedding_space(settings: Settings, show_progress: bool = False, cached: bool = True) -> EmbeddingSpace:
+def embedding_space(settings: Settings, show_progress: bool = False, cached: bool = True,
+                    queries: bool = False) -> EmbeddingSpace:
     """One loaded encoder per process and configuration (loading MiniLM takes seconds). `cached=False`: no
-    SQLite cache of the embeddings (a service encodes ever-new queries; a write per request only adds latency)."""
+    SQLite cache of the embeddings (a service encodes ever-new queries; a write per request only adds latency).
+    `queries`: the space answers queries, so its encoder runs in `settings.query_runtime`."""
     cfg = settings.encoder
     cache_path = settings.root.parent / "cache" / "embeddings.sqlite"
-    key = (cfg.version(), str(cache_path) if cached else None)
+    onnx = onnx_dir(settings) if queries else None
+    key = (cfg.version(), str(cache_path) if cached else None, onnx)
     if key not in _SPACES:
         encoder = build_encoder(cfg.kind, model_path=cfg.model_path, architecture=cfg.clip_architecture,
-                                pretrained=cfg.clip_pretrained)
+                                pretrained=cfg.clip_pretrained, onnx_dir=onnx)
         _SPACES[key] = EmbeddingSpace(encoder, cfg.dim, EmbeddingCache(cache_path) if cached else None,
                                       cfg.batch_size)
     space = _SPACES[key]
     space.show_progress = show_progress
     return space
+
+
+def onnx_dir(settings: Settings) -> str | None:
+    """Where the networks exported for ONNX Runtime are kept, when queries are answered there."""
+    return str(settings.root.parent / "cache" / "onnx") if settings.query_runtime == "onnx" else None
 
 
 def reward_config(settings: Settings, regime: str) -> RewardConfig:
@@ -120,7 +128,7 @@ def build_retriever(settings: Settings, regime: str, method: str, artefacts: Ret
 
 def _retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts, sampler: str | None,
                steps: int | None, cached: bool) -> Retriever:
-    space, index = embedding_space(settings, cached=cached), VectorIndex.load(artefacts.index)
+    space, index = embedding_space(settings, cached=cached, queries=True), VectorIndex.load(artefacts.index)
     k, train = settings.rewards.k, settings.folm.train
     text_kwargs = {"k": k, "temperature": train.temperature, "max_new_tokens": train.max_new_tokens,
                    "batch_size": train.generation_batch_size}
@@ -144,8 +152,8 @@ def _retriever(settings: Settings, regime: str, method: str, artefacts: Retrieve
         raise FileNotFoundError(f"no diffusion checkpoint at {path}; materialise the {method} model first")
     cfg = settings.diffusion
     return (SupervisedDiffusion if supervised else R4TDiffusion)(
-        space, index, DiffusionRetrieverModel.load(path), sampler or cfg.sampler, steps or cfg.sampler_steps,
-        cfg.guidance)
+        space, index, DiffusionRetrieverModel.load(path, onnx_dir=onnx_dir(settings)), sampler or cfg.sampler,
+        steps or cfg.sampler_steps, cfg.guidance)
 
 
 def latest_artefacts(settings: Settings, catalog: str, regime: str, methods: list[str]

@@ -17,6 +17,8 @@ from r4t_pipeline.diffusion import (
     DiffusionRetrieverModel,
     DiffusionTrainConfig,
     EDMPrecond,
+    NoiseSchedule,
+    OnnxPrecond,
     SetDenoiser,
     dpm2m_sample,
     edm_loss,
@@ -218,6 +220,25 @@ def test_seeds_determine_samples_and_rows_are_normalised(overfit):
     raw = model.sample(conditions, steps=8, seed=7, normalize=False)
     assert np.allclose(raw / np.linalg.norm(raw, axis=-1, keepdims=True), same[0], atol=1e-6)
     assert model.sample(conditions, steps=8, seed=7, num_rows=5).shape == (TARGETS, 5, DIM)
+
+
+def test_the_denoiser_in_onnx_runtime_samples_what_pytorch_samples(tmp_path):
+    cfg = DenoiserConfig(dim=DIM, cond_dim=DIM, hidden=32, mlp=64, heads=2, layers=2)
+    model = DiffusionRetrieverModel(EDMPrecond(randomized_denoiser(cfg), 0.3), NoiseSchedule(), ROWS)
+    eager = model.sample(unit_vectors(4, DIM, seed=1).numpy(), sampler="heun", steps=6, guidance=0.5, seed=2)
+    model.network = OnnxPrecond(model.precond, tmp_path)
+    conditions = unit_vectors(4, DIM, seed=1).numpy()
+    np.testing.assert_allclose(model.sample(conditions, sampler="heun", steps=6, guidance=0.5, seed=2), eager,
+                               atol=1e-5)  # guidance: the batch stacked with its dropped-condition copy
+    for batch, rows in ((1, ROWS), (4, 5)):  # batch and set size other than the exported example's
+        model.network = model.precond
+        eager = model.sample(conditions[:batch], sampler="dpm2m", steps=8, guidance=0.0, seed=3, num_rows=rows)
+        model.network = OnnxPrecond(model.precond, tmp_path)
+        onnx = model.sample(conditions[:batch], sampler="dpm2m", steps=8, guidance=0.0, seed=3, num_rows=rows)
+        np.testing.assert_allclose(onnx, eager, atol=1e-5)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once for these weights
+    with pytest.raises(ValueError, match="condition sequences run in PyTorch"):
+        model.network(torch.zeros(2, ROWS, DIM), 1.0, torch.zeros(2, 3, DIM), torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):

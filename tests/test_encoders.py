@@ -32,6 +32,19 @@ def test_minilm_embeds_related_texts_closer(minilm_space):
     assert sims[0, 1] > sims[0, 2] + 0.2
 
 
+def test_minilm_in_onnx_runtime_gives_the_pytorch_embeddings_and_exports_once(tmp_path):
+    texts = ["red dress", "a long description of a vintage leather jacket " * 12, "boho", "straw hat for summer"]
+    eager, onnx = MiniLMEncoder(), MiniLMEncoder(onnx_dir=tmp_path)
+    for batch, batch_size in ((texts[:1], 8), (texts, 3)):  # one text; batches of different lengths, truncated
+        np.testing.assert_allclose(onnx.encode_texts(batch, batch_size), eager.encode_texts(batch, batch_size),
+                                   atol=1e-5)
+    exported = list(tmp_path.glob("*.onnx"))
+    assert len(exported) == 1
+    written = exported[0].stat().st_mtime_ns
+    assert MiniLMEncoder(onnx_dir=tmp_path).onnx.path == exported[0]  # a second process loads the file
+    assert exported[0].stat().st_mtime_ns == written and len(list(tmp_path.iterdir())) == 1  # no temp file left
+
+
 def test_cache_means_unchanged_texts_are_never_reencoded(tmp_path):
     encoder = CountingMiniLM()
     cache = EmbeddingCache(tmp_path / "emb.sqlite")

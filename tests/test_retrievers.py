@@ -63,6 +63,19 @@ def test_the_query_keeps_a_seat_as_the_first_direction(smoke, method):
         stack.build_retriever(smoke.settings, "oar", "no_fanout", artefacts, keep_query=True)
 
 
+def test_onnx_runtime_retrieves_what_pytorch_retrieves(smoke):
+    settings = smoke.settings.model_copy(update={"query_runtime": "onnx"})
+    queries = ["bohemian festival style", "office essentials", "a cosy winter evening by the fire"]
+    for method in ("no_fanout", "r4t_diffusion"):
+        _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "oar", [method])
+        eager, onnx = (stack.build_retriever(s, "oar", method, artefacts) for s in (smoke.settings, settings))
+        assert type(onnx.space.encoder.onnx).__name__ == "OnnxModule"
+        a, b = (r.retrieve(queries, pool_size=20, seed=5).fanouts for r in (eager, onnx))
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(y.directions, x.directions, atol=1e-5)
+            assert y.candidate_ids == x.candidate_ids
+
+
 def test_bad_requests_are_refused_clearly(smoke):
     _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "oar", [])
     with pytest.raises(ValueError, match="unknown method 'magic'"):

@@ -86,6 +86,9 @@ def test_health_models_and_metrics(client):
     fanout(client, query="summer linen dress")
     metrics = client.get("/metrics").text
     assert 'r4t_requests_total{endpoint="/v1/fanout",status="200"}' in metrics and "r4t_batch_queries_count" in metrics
+    assert 'r4t_request_seconds_count{endpoint="/v1/fanout",method="r4t_diffusion"} 1.0' in metrics
+    fanout(client, query="")
+    assert 'r4t_requests_total{endpoint="/v1/fanout",status="422"} 1.0' in client.get("/metrics").text
 
 
 @pytest.mark.parametrize("method", ["r4t_diffusion", "r4t_folm", "no_fanout"])

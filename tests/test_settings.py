@@ -39,6 +39,8 @@ def test_bad_settings_are_rejected_in_one_line(tmp_path):
     broken.write_text("- just\n- a list\n")
     with pytest.raises(SettingsError, match="broken.yaml: expected a mapping of settings, got list"):
         load_settings(config_path=broken)
+    with pytest.raises(SettingsError, match="query_runtime onnx runs the minilm encoder, not 'open_clip'"):
+        load_settings("demo", config_path=os.devnull, overrides={"encoder": {"kind": "open_clip"}})
 
 
 def test_loading_the_settings_and_the_cli_help_do_not_import_torch():

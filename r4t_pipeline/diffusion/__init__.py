@@ -1,4 +1,4 @@
-"""EDM diffusion retriever over sets of embedding rows (pure PyTorch)."""
+"""EDM diffusion retriever over sets of embedding rows (PyTorch; sampling optionally in ONNX Runtime)."""
 
 from r4t_pipeline.config import DiffusionTrainConfig, NoiseSchedule
 from r4t_pipeline.diffusion.denoiser import PRESETS, DenoiserConfig, SetDenoiser, parameter_count
@@ -15,6 +15,7 @@ from r4t_pipeline.diffusion.edm import (
 from r4t_pipeline.diffusion.train import (
     DiffusionRetrieverModel,
     DiffusionTrainResult,
+    OnnxPrecond,
     train_diffusion,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "DiffusionTrainResult",
     "EDMPrecond",
     "NoiseSchedule",
+    "OnnxPrecond",
     "SetDenoiser",
     "dpm2m_sample",
     "edm_loss",

@@ -279,6 +279,42 @@ def train_diffusion(
     )
 
 
+class OnnxPrecond:
+    """`EDMPrecond` in ONNX Runtime (see `r4t_pipeline.runtime`), called as the module is: D(x; sigma, cond,
+    drop_cond). One condition token per set (R4T's query); seed sequences with masks (MO-DiT) run in PyTorch."""
+
+    def __init__(self, precond: EDMPrecond, cache_dir: str | Path):
+        from r4t_pipeline.runtime import OnnxModule
+
+        cfg = precond.net.cfg
+        example = (torch.zeros(2, 3, cfg.dim), torch.ones(2), torch.zeros(2, cfg.cond_dim),
+                   torch.zeros(2, dtype=torch.bool))
+        self.module = OnnxModule(_PrecondInputs(precond), example, ["x", "sigma", "cond", "drop_cond"],
+                                 {"x": {0: "batch", 1: "rows"}, "sigma": {0: "batch"}, "cond": {0: "batch"},
+                                  "drop_cond": {0: "batch"}}, cache_dir)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor,
+                 cond_mask: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond_mask is not None or cond.ndim != 2:
+            raise ValueError("the ONNX denoiser takes one condition token per set; condition sequences run in PyTorch")
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(batch)
+        drop = torch.zeros(batch, dtype=torch.bool) if drop_cond is None else drop_cond.bool()
+        return self.module(x, sigma, cond, drop)
+
+
+class _PrecondInputs(torch.nn.Module):
+    """EDMPrecond with every input a tensor (sigma per set), as the exporter wants them."""
+
+    def __init__(self, precond: EDMPrecond):
+        super().__init__()
+        self.precond = precond
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, drop_cond: torch.Tensor
+                ) -> torch.Tensor:
+        return self.precond(x, sigma, cond, None, drop_cond)
+
+
 class DiffusionRetrieverModel:
     """A trained checkpoint ready to sample sets of K rows given conditions."""
 
@@ -286,21 +322,29 @@ class DiffusionRetrieverModel:
         self.precond = precond.eval()
         self.noise = noise
         self.num_rows = num_rows
+        self.network: EDMPrecond | OnnxPrecond = self.precond  # what `sample` calls
 
     @property
     def device(self) -> torch.device:
         return self.precond.sigma_data.device
 
     @classmethod
-    def load(cls, path: Path | str, device: str | torch.device = "auto") -> DiffusionRetrieverModel:
+    def load(cls, path: Path | str, device: str | torch.device = "auto",
+             onnx_dir: str | Path | None = None) -> DiffusionRetrieverModel:
+        """`onnx_dir`: sample with the network in ONNX Runtime on the CPU, exported to this folder once."""
         path = Path(path)
         device = resolve_device(device) if isinstance(device, str) else device
+        if onnx_dir is not None:  # ONNX Runtime runs on the CPU; the sampler's tensors live there too
+            device = torch.device("cpu")
         config = json.loads((path / "config.json").read_text())
         if config.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path / 'config.json'}: format is {config.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
         precond = EDMPrecond(SetDenoiser(DenoiserConfig(**config["denoiser"])), config["sigma_data"])
         precond.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-        return cls(precond.to(device), NoiseSchedule(**config["noise"]), config["num_rows"])
+        model = cls(precond.to(device), NoiseSchedule(**config["noise"]), config["num_rows"])
+        if onnx_dir is not None:
+            model.network = OnnxPrecond(model.precond, onnx_dir)
+        return model
 
     @torch.no_grad()
     def sample(
@@ -329,7 +373,7 @@ class DiffusionRetrieverModel:
         chunks = []
         for start in range(0, len(cond), batch_size):
             part = slice(start, start + batch_size)
-            denoise = guided_denoiser(self.precond, cond[part], None if mask is None else mask[part], guidance)
+            denoise = guided_denoiser(self.network, cond[part], None if mask is None else mask[part], guidance)
             chunks.append(
                 SAMPLERS[sampler](
                     denoise,

@@ -60,12 +60,14 @@ class Retriever(ABC):
         """Per query an (n, d) array of unit directions, and the sub-query texts when there are any."""
 
     def retrieve(self, queries: list[str], pool_size: int, seed: int = 0,
-                 reference_ids: list[list[str]] | None = None) -> RetrievalBatch:
+                 reference_ids: list[list[str]] | None = None, keep_query: bool | None = None) -> RetrievalBatch:
+        """`keep_query`: this call's choice (None: the retriever's `keep_query`)."""
         if not queries or any(not q.strip() for q in queries):
             raise ValueError("queries must be non-empty texts")
+        keep_query = self.keep_query if keep_query is None else keep_query
         started = time.perf_counter()
         directions, subqueries = self.directions(queries, seed, reference_ids)
-        if self.keep_query:
+        if keep_query:
             own = self.space.encode_queries(queries)
             directions = [np.vstack([own[i:i + 1], d]) for i, d in enumerate(directions)]
             subqueries = None if subqueries is None else [[q, *s] for q, s in zip(queries, subqueries)]

@@ -62,6 +62,8 @@ class FanoutRequest(BaseModel):
     pool: int | None = Field(None, ge=1, le=10000, description="candidate budget per query, split over directions "
                                                                "(default: k x the method's directions)")
     seed: int = 0
+    keep_query: bool = Field(False, description="the query's own embedding joins the fan-out as its first direction "
+                                                "(the fan-out methods; RAG-Fusion keeps the query)")
 
     @model_validator(mode="after")
     def _one_of_query_queries(self) -> FanoutRequest:
@@ -108,6 +110,7 @@ class Job:
     queries: list[str]
     pool: int
     seed: int
+    keep_query: bool
     future: asyncio.Future
 
 
@@ -204,12 +207,12 @@ class Service:
         model.queue = asyncio.Queue(self.cfg.max_queue)
         model.worker = asyncio.create_task(self._work(model))
 
-    async def submit(self, model: LoadedModel, queries: list[str], pool: int, seed: int
+    async def submit(self, model: LoadedModel, queries: list[str], pool: int, seed: int, keep_query: bool = False
                      ) -> tuple[list, dict[str, str]]:
         """The fan-outs of `queries` and the artefact versions of the model that computed them."""
         future = asyncio.get_running_loop().create_future()
         try:
-            model.queue.put_nowait(Job(queries, pool, seed, future))
+            model.queue.put_nowait(Job(queries, pool, seed, keep_query, future))
         except asyncio.QueueFull:
             raise ApiError(503, f"{'/'.join(model.key)} is busy: {self.cfg.max_queue} requests are waiting; "
                                 "retry later") from None
@@ -241,15 +244,18 @@ class Service:
             crowd = size
             self.metrics.queue.labels(model.method).set(model.queue.qsize())
             jobs = [j for j in jobs if not j.future.done()]  # timed out while waiting
-            for seed in sorted({j.seed for j in jobs}):  # the sampler draws one seed's noise for a whole batch
-                await self._run(model, [j for j in jobs if j.seed == seed], seed)
+            # the sampler draws one seed's noise for a whole batch, and a batch keeps the query or does not
+            for seed, keep_query in sorted({(j.seed, j.keep_query) for j in jobs}):
+                await self._run(model, [j for j in jobs if (j.seed, j.keep_query) == (seed, keep_query)], seed,
+                                keep_query)
 
-    async def _run(self, model: LoadedModel, jobs: list[Job], seed: int) -> None:
+    async def _run(self, model: LoadedModel, jobs: list[Job], seed: int, keep_query: bool) -> None:
         retriever, versions = model.retriever, model.versions()  # a reload now does not change this batch's model
         queries = [q for j in jobs for q in j.queries]
         self.metrics.batch.labels(model.method).observe(len(queries))
         try:
-            batch = await asyncio.to_thread(retriever.retrieve, queries, max(j.pool for j in jobs), seed)
+            batch = await asyncio.to_thread(retriever.retrieve, queries, max(j.pool for j in jobs), seed,
+                                            keep_query=keep_query)
         except Exception as err:  # noqa: BLE001 - handed to each waiting request (a 500 of its own)
             for job in jobs:
                 if not job.future.done():
@@ -265,7 +271,7 @@ class Service:
     # -- endpoints' work ----------------------------------------------------------------------------------------
 
     def model_for(self, request: FanoutRequest) -> LoadedModel:
-        from r4t_pipeline.methods import ALIASES, METHODS
+        from r4t_pipeline.methods import ALIASES, FANOUT_METHODS, METHODS
 
         if request.catalog not in self.settings.catalogs:
             raise ApiError(404, f"unknown catalog {request.catalog!r}; declared: {', '.join(self.settings.catalogs)}")
@@ -278,6 +284,9 @@ class Service:
             raise ApiError(422, f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}")
         if method not in self.cfg.methods:
             raise ApiError(404, f"method {method!r} is not served; served: {', '.join(self.cfg.methods)}")
+        if request.keep_query and method not in FANOUT_METHODS:
+            raise ApiError(422, f"keep_query: {method} is the query alone; keep the query with a fan-out method "
+                                f"({', '.join(m for m in FANOUT_METHODS if m in self.cfg.methods)})")
         model = self.models.get((request.catalog, request.regime, method))
         if model is None:
             reason = self.problems.get(f"{request.catalog}/{request.regime}/{method}", "not loaded")
@@ -442,8 +451,9 @@ def create_app(settings: Settings, catalogs: list[str] | None = None) -> FastAPI
         texts = body.texts(service.cfg.max_query_chars, service.cfg.max_queries_per_request)
         model = service.model_for(body)
         request.state.method = model.method
-        pool = body.pool or body.k * (service.settings.rewards.k if model.method != "no_fanout" else 1)
-        fanouts, versions = await service.submit(model, texts, pool, body.seed)
+        directions = 1 if model.method == "no_fanout" else service.settings.rewards.k + body.keep_query
+        pool = body.pool or body.k * directions
+        fanouts, versions = await service.submit(model, texts, pool, body.seed, body.keep_query)
         # plain JSON types already: skipping FastAPI's recursive encoder saves ~0.5 ms of the event loop per answer
         return JSONResponse(service.fanout_payload(model, fanouts, versions, body.k))
 

@@ -135,6 +135,7 @@ BAD_FANOUTS = {
     "pool zero": ({"query": "a", "pool": 0}, 422, "pool:"),
     "unknown field": ({"query": "a", "topk": 3}, 422, "topk"),
     "wrong type": ({"query": 3}, 422, "query:"),
+    "query kept alone": ({"query": "a", "method": "no_fanout", "keep_query": True}, 422, "is the query alone"),
 }
 
 
@@ -157,6 +158,19 @@ def test_bad_expand_requests_and_malformed_json_get_4xx(client):
              (client.post("/v1/fanout", content=b"[1, 2]", headers={"content-type": "application/json"}), 422, "")]
     for response, status, message in cases:
         assert response.status_code == status and message in response.json()["error"], response.text
+
+
+def test_a_request_may_keep_the_query_as_the_first_direction(client):
+    """The same seed's fan-out, with the query's own top items first; requests that differ only in keep_query
+    arriving together are answered from their own passes."""
+    body = {"query": "summer linen dress", "regime": "oar", "k": 2, "seed": 4}
+    with ThreadPoolExecutor(2) as pool:
+        plain, kept = pool.map(lambda keep: fanout(client, **body, keep_query=keep).json(), (False, True))
+    alone = fanout(client, query=body["query"], regime="oar", method="no_fanout", k=2).json()
+    plain, kept = plain["results"][0]["directions"], kept["results"][0]["directions"]
+    assert len(kept) == len(plain) + 1 == 11
+    assert kept[0]["items"] == alone["results"][0]["directions"][0]["items"]
+    assert kept[1:] == plain
 
 
 def test_concurrent_requests_share_a_forward_pass(client):

@@ -86,7 +86,9 @@ def run_benchmark(settings, catalog: str, regime: str, corpus_path: str, artefac
     results = {}
     for name in names:
         method, sampler, steps = variants.get(name, (name, None, None))
-        retriever = stack.build_retriever(settings, regime, method, artefacts, sampler=sampler, steps=steps)
+        # no embedding cache: every timed batch encodes its queries (and sub-queries), as a service does
+        retriever = stack.build_retriever(settings, regime, method, artefacts, sampler=sampler, steps=steps,
+                                          cached=False)
         results[name] = time_batches(retriever, queries, batch_sizes, repeats, pool, budget_seconds)
     return {"machine": machine(), "catalog": catalog, "regime": regime, "pool_size": pool,
             "config": {"batch_sizes": batch_sizes, "repeats": repeats, "budget_seconds": budget_seconds,

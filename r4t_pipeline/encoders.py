@@ -67,7 +67,7 @@ class MiniLMEncoder(Encoder):
         if onnx_dir is not None:
             from r4t_pipeline.runtime import OnnxModule
 
-            example = self.model.tokenize(["an example query", "a second, longer example of a query"])
+            example = self.model.preprocess(["an example query", "a second, longer example of a query"])
             self.onnx = OnnxModule(_SentenceEmbedding(self.model), [example[n] for n in _SentenceEmbedding.inputs],
                                    _SentenceEmbedding.inputs,
                                    {n: {0: "batch", 1: "tokens"} for n in _SentenceEmbedding.inputs}, onnx_dir)
@@ -78,7 +78,7 @@ class MiniLMEncoder(Encoder):
                                      normalize_embeddings=False, show_progress_bar=False)
         out = []
         for start in range(0, len(texts), batch_size):
-            features = self.model.tokenize(list(texts[start:start + batch_size]))
+            features = self.model.preprocess(list(texts[start:start + batch_size]))
             out.append(self.onnx(*(features[n] for n in self.onnx.names)).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.native_dim), np.float32)
 

@@ -172,7 +172,7 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
     if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer network calls give up
         for setting in cfg.sampler_sweep:
             retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler=setting.sampler,
-                                              steps=setting.steps)
+                                              steps=setting.steps, cached=False)  # timed: queries encoded
             timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
                                   cfg.latency_budget_seconds)["8"]
             sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),

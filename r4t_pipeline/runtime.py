@@ -36,10 +36,11 @@ def _fingerprint(module: nn.Module, names: Sequence[str], example: Sequence[Tens
 class OnnxModule:
     """`module(*inputs)` (tensors in, one tensor out) run by ONNX Runtime on the CPU, with `dynamic` dimensions
     (input name -> {axis: label}) free at run time. The example inputs fix everything else; a dynamic axis needs an
-    example size of at least 2 (the exporter specialises a size of 1)."""
+    example size of at least 2 (the exporter specialises a size of 1). `threads`: intra-op threads (default:
+    torch's)."""
 
     def __init__(self, module: nn.Module, example: Sequence[Tensor], names: Sequence[str],
-                 dynamic: dict[str, dict[int, str]], cache_dir: str | os.PathLike):
+                 dynamic: dict[str, dict[int, str]], cache_dir: str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
 
         self.names = list(names)
@@ -47,8 +48,12 @@ class OnnxModule:
         if not path.exists():
             _export(module, example, self.names, dynamic, path)
         options = ort.SessionOptions()
-        # as many threads as torch was given (`r4t serve` keeps one core for its event loop)
-        options.intra_op_num_threads = options.inter_op_num_threads = torch.get_num_threads()
+        # default: as many threads as torch was given (`r4t serve` keeps one core for its event loop)
+        options.intra_op_num_threads = options.inter_op_num_threads = threads or torch.get_num_threads()
+        # no spinning between runs: a spinning worker holds a core that torch's and FAISS's threads wait for
+        # (the sampler's steps and the search run between two calls)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
 

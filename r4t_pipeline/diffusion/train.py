@@ -291,7 +291,8 @@ class OnnxPrecond:
                    torch.zeros(2, dtype=torch.bool))
         self.module = OnnxModule(_PrecondInputs(precond), example, ["x", "sigma", "cond", "drop_cond"],
                                  {"x": {0: "batch", 1: "rows"}, "sigma": {0: "batch"}, "cond": {0: "batch"},
-                                  "drop_cond": {0: "batch"}}, cache_dir)
+                                  "drop_cond": {0: "batch"}}, cache_dir,
+                                 threads=1)  # its ops are too small to split: waking a second thread costs more
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor,
                  cond_mask: torch.Tensor | None = None, drop_cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=positive_int_list, default=[1, 8, 32],
                        help="with --serve: concurrent clients (default 1,8,32)")
     bench.add_argument("--requests", type=positive_int, default=200,
-                       help="with --serve: requests per method and concurrency level (text methods: a quarter)")
+                       help="with --serve: requests per method and concurrency level (text methods: an eighth)")
     bench.set_defaults(run=_bench)
 
     serve = sub.add_parser("serve", help="the retrievers as an HTTP service (FastAPI on uvicorn)")

@@ -101,7 +101,7 @@ def running_service(settings: Settings, catalog: str, startup_timeout: float = 6
 def serve_benchmark(settings: Settings, catalog: str, regime: str, queries: list[str], methods: list[str],
                     concurrencies: list[int], requests: int, timeout: float = 60.0) -> dict:
     """Every method at every concurrency, one query per request; the text methods get fewer requests when a
-    request takes seconds (`requests` // 4, at least 2 per client) so that the run stays bounded."""
+    request takes seconds (`requests` // 8, at least 2 per client) so that the run stays bounded."""
     results: dict[str, dict] = {}
     with running_service(settings, catalog) as base:
         url = f"{base}/v1/fanout"
@@ -112,7 +112,7 @@ def serve_benchmark(settings: Settings, catalog: str, regime: str, queries: list
             results[method] = {}
             for concurrency in concurrencies:
                 n = requests if method in ("r4t_diffusion", "no_fanout", "supervised_diffusion") \
-                    else max(requests // 4, 2 * concurrency)
+                    else max(requests // 8, 2 * concurrency)
                 results[method][str(concurrency)] = asyncio.run(drive(url, bodies, concurrency, n, timeout))
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
     batch_lines = [line for line in metrics.splitlines() if line.startswith("r4t_batch_queries_sum")

@@ -75,5 +75,8 @@ def _export(module: nn.Module, example: Sequence[Tensor], names: list[str], dyna
         warnings.filterwarnings("ignore", message=".*axis name.*")  # two inputs sharing a dynamic axis is intended
         program = torch.onnx.export(cpu, tuple(t.cpu() for t in example), input_names=names, dynamic_shapes=shapes,
                                     dynamo=True, verbose=False, optimize=False)
-    program.save(str(partial), external_data=False)
-    partial.replace(path)
+    try:
+        program.save(str(partial), external_data=False)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)  # a failed save leaves nothing behind

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, build_encoder
+from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, Encoder, build_encoder
 from r4t_pipeline.index import VectorIndex
 from r4t_pipeline.io import file_sha256
 from r4t_pipeline.methods import CATALOG_ASSETS, FANOUT_METHODS
@@ -26,6 +26,7 @@ from r4t_pipeline.retrievers import (
 from r4t_pipeline.rewards import FanoutScorer, RewardConfig, load_reward_preset
 from r4t_pipeline.settings import Settings
 
+_ENCODERS: dict[tuple, Encoder] = {}
 _SPACES: dict[tuple, EmbeddingSpace] = {}
 METHODS = tuple(REGISTERED)
 BASE_RECORD = "r4t_base.json"  # in a folm_base version: which model the zero-shot FOLM is
@@ -38,12 +39,13 @@ def embedding_space(settings: Settings, show_progress: bool = False, cached: boo
     `queries`: the space answers queries, so its encoder runs in `settings.query_runtime`."""
     cfg = settings.encoder
     cache_path = settings.root.parent / "cache" / "embeddings.sqlite"
-    onnx = onnx_dir(settings) if queries else None
-    key = (cfg.version(), str(cache_path) if cached else None, onnx)
+    encoder_key = (cfg.version(), onnx_dir(settings) if queries else None)
+    if encoder_key not in _ENCODERS:  # one per runtime, shared by the cached and the uncached space
+        _ENCODERS[encoder_key] = build_encoder(cfg.kind, model_path=cfg.model_path, architecture=cfg.clip_architecture,
+                                               pretrained=cfg.clip_pretrained, onnx_dir=encoder_key[1])
+    key = (*encoder_key, str(cache_path) if cached else None)
     if key not in _SPACES:
-        encoder = build_encoder(cfg.kind, model_path=cfg.model_path, architecture=cfg.clip_architecture,
-                                pretrained=cfg.clip_pretrained, onnx_dir=onnx)
-        _SPACES[key] = EmbeddingSpace(encoder, cfg.dim, EmbeddingCache(cache_path) if cached else None,
+        _SPACES[key] = EmbeddingSpace(_ENCODERS[encoder_key], cfg.dim, EmbeddingCache(cache_path) if cached else None,
                                       cfg.batch_size)
     space = _SPACES[key]
     space.show_progress = show_progress

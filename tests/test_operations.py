@@ -38,7 +38,7 @@ MODIT = {*(f"modit/polyvore_{t}/task_data" for t in ("likes", "price")), "modit/
 LONG_ASSETS = ["polyvore/folm_base", *TRAINING]
 REWARD_CHANGE = {"rewards": {"overrides": {"oar": {"w_diversity": 0.3}}}}
 TINY = {"catalogs": {"polyvore": {"builtin": "polyvore"}}, "regimes": ["oar"],
-        "folm": {"bootstrap_sft_steps": 2,
+        "folm": {"sft_steps": 2,
                  "bootstrap_size": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                     "num_layers": 1},
                  "train": {"steps": 1, "group_size": 2, "per_step_queries": 1, "max_new_tokens": 16}},

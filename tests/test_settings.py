@@ -12,6 +12,9 @@ def test_profiles_and_overrides(tmp_path):
     demo = load_settings("demo", config_path=os.devnull)
     assert smoke.profile == "smoke" and smoke.catalog.max_collections["polyvore"] == 60
     assert demo.encoder.dim == 128 and demo.index.kind == "flat"
+    quality = load_settings("quality", config_path=os.devnull)  # the demo with the pretrained FOLM, by LoRA
+    assert (quality.folm.base, quality.folm.sft_lora_rank, quality.folm.train.lora_rank) == ("pretrained", 16, 16)
+    assert quality.catalog == demo.catalog and quality.folm.train.group_size == demo.folm.train.group_size
     deployment = tmp_path / "deploy.yaml"
     deployment.write_text("profile: smoke\nindex: {kind: hnsw}\n")
     custom = load_settings(config_path=deployment)
@@ -41,6 +44,8 @@ def test_bad_settings_are_rejected_in_one_line(tmp_path):
         load_settings(config_path=broken)
     with pytest.raises(SettingsError, match="query_runtime onnx runs the minilm encoder, not 'open_clip'"):
         load_settings("demo", config_path=os.devnull, overrides={"encoder": {"kind": "open_clip"}})
+    with pytest.raises(SettingsError, match="folm: Value error, sft_steps: the bootstrap LM starts from random"):
+        load_settings("demo", config_path=os.devnull, overrides={"folm": {"sft_steps": 0}})
 
 
 def test_loading_the_settings_and_the_cli_help_do_not_import_torch():

@@ -4,6 +4,7 @@ after an interruption and tracks its run in MLflow; a failed run leaves every ea
 
 
 import dagster as dg
+import polars as pl
 
 from r4t_pipeline import queries as q
 from r4t_pipeline import stack
@@ -22,10 +23,10 @@ def folm_base_asset(settings: Settings, name: str):
     @dg.asset(key=[name, "folm_base"], group_name=name, kinds={"pytorch"},
               ins={"catalog": dg.AssetIn(key=[name, "catalog"]),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"])},
-              code_version=code_version(cfg.base, cfg.base_model, cfg.bootstrap_size.model_dump(),
-                                        cfg.bootstrap_sft_steps, cfg.bootstrap_lr, settings.rewards.k),
-              description="The zero-shot fan-out LM: the pretrained base model, or (offline bootstrap) a small LM "
-                          "warm-started on (set title -> item names) pairs of the training split.")
+              code_version=code_version(cfg.model_dump(mode="json", exclude={"max_train_queries", "train"}),
+                                        settings.rewards.k),
+              description="The zero-shot fan-out LM: the pretrained base model (LoRA) or a small LM trained here "
+                          "(bootstrap), warm-started on the training split's (set title -> item names) pairs.")
     @retry_transient
     def folm_base(context: dg.AssetExecutionContext, mlflow: MlflowTracking, catalog: CatalogRecord,
                   broad_queries: QueryCorpusRecord) -> dg.Output[ModelRecord]:
@@ -33,27 +34,36 @@ def folm_base_asset(settings: Settings, name: str):
         if reused := production.reuse():
             return reused
         meta: dict = {"base": cfg.base}
-        if cfg.base == "pretrained":
+        if cfg.base == "pretrained" and not cfg.sft_steps:
             from r4t_pipeline.folm.models import resolve_model_source
 
             model = resolve_model_source(cfg.base_model)
             with production.writing() as tmp:
                 write_json(tmp / stack.BASE_RECORD, {"model": model, "spec": cfg.base_model})
-        else:
-            from r4t_pipeline.folm.tiny import bootstrap_folm
+            return production.output(production.record(ModelRecord, model=model), {**meta, "model": model})
+        from r4t_pipeline.folm.sft import warm_start_pretrained
+        from r4t_pipeline.folm.tiny import bootstrap_folm
 
-            names = dict(zip(*Catalog.load(catalog.path).items.select("item_id", "name").to_dict().values()))
-            pairs = q.load_corpus(broad_queries.path, "wscr", "train")
-            examples = [(query, [names[i] for i in ids if names[i]])
-                        for query, ids in pairs.select("query", "reference_ids").iter_rows()]
-            model = str(production.path / "model")
-            with mlflow.run(f"{name}/folm_base", params={"sft_steps": cfg.bootstrap_sft_steps,
-                                                         **cfg.bootstrap_size.model_dump()}) as run, \
-                    production.writing() as tmp:
-                losses = bootstrap_folm(examples, tmp / "model", settings.rewards.k, cfg.bootstrap_sft_steps,
-                                        cfg.bootstrap_size, lr=cfg.bootstrap_lr, log_fn=run.log)
-                write_json(tmp / stack.BASE_RECORD, {"model": model, "spec": "bootstrap"})
-            meta.update(sft_pairs=len(examples), sft_loss_first=losses[0], sft_loss_last=losses[-1])
+        names = dict(zip(*Catalog.load(catalog.path).items.select("item_id", "name").to_dict().values()))
+        pairs = q.load_corpus(broad_queries.path, "wscr", "train")
+        if cfg.base == "pretrained":  # it knows language already: teach it the intents people write, not keywords
+            written = pairs.filter(pl.col("source").is_in(q.EVALUATION_SOURCES))
+            pairs = written if written.height else pairs
+        examples = [(query, [names[i] for i in ids if names[i]])
+                    for query, ids in pairs.select("query", "reference_ids").iter_rows()]
+        model, spec = str(production.path / "model"), cfg.base_model if cfg.base == "pretrained" else "bootstrap"
+        sft = {"steps": cfg.sft_steps, "lr": cfg.sft_lr, "batch_size": cfg.sft_batch_size}
+        params = {**sft, **({"lora_rank": cfg.sft_lora_rank} if cfg.base == "pretrained" else
+                            cfg.bootstrap_size.model_dump())}
+        with mlflow.run(f"{name}/folm_base", params={"base": spec, **params}) as run, production.writing() as tmp:
+            if cfg.base == "pretrained":
+                losses = warm_start_pretrained(cfg.base_model, examples, tmp / "model", settings.rewards.k,
+                                               lora_rank=cfg.sft_lora_rank, log_fn=run.log, **sft)
+            else:
+                losses = bootstrap_folm(examples, tmp / "model", settings.rewards.k, size=cfg.bootstrap_size,
+                                        log_fn=run.log, **sft)
+            write_json(tmp / stack.BASE_RECORD, {"model": model, "spec": spec})
+        meta.update(sft_pairs=len(examples), sft_loss_first=losses[0], sft_loss_last=losses[-1])
         return production.output(production.record(ModelRecord, model=model), {**meta, "model": model})
 
     return folm_base

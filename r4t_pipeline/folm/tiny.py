@@ -1,10 +1,8 @@
-"""Offline bootstrap FOLM (SPEC §3): a locally trained tokenizer, a small random Llama, and an SFT warm start
-on (collection title -> item names, one per line). The warm-started model is the zero-shot baseline."""
+"""Offline bootstrap FOLM (SPEC §3): a locally trained tokenizer, a small random Llama, and the SFT warm start of
+`sft` on (collection title -> item names, one per line). The warm-started model is the zero-shot baseline."""
 
 from __future__ import annotations
 
-import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -13,7 +11,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
@@ -21,7 +18,7 @@ from transformers import (
 from r4t_pipeline.config import TinyLMSize
 from r4t_pipeline.device import resolve_device
 from r4t_pipeline.fanout import build_messages
-from r4t_pipeline.folm.callbacks import LogCallback
+from r4t_pipeline.folm.sft import sft_warm_start
 from r4t_pipeline.io import atomic_dir
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -62,48 +59,11 @@ def build_tiny_lm(
     return LlamaForCausalLM(config)
 
 
-def sft_warm_start(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, Sequence[str]]],
-    k: int,
-    steps: int,
-    lr: float = 3e-3,
-    batch_size: int = 16,
-    seed: int = 0,
-    log_fn: Callable[[int, dict[str, float]], None] | None = None,
-) -> list[float]:
-    """Teach the fan-out format on TRL's SFTTrainer: (collection title -> its item names, one per line), the loss
-    on the answer and its end-of-turn only, 10 warm-up steps then a linear decay. Returns the loss per step."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    usable = [(title, items) for title, items in pairs if title.strip() and items]
-    if not usable:
-        raise ValueError("pairs: no (title, items) pair with a non-empty title and at least one item")
-    # the run reads at most steps x batch_size examples: tokenize only those (a seeded draw without repeats, as
-    # one shuffled epoch would give), not the whole catalog
-    usable = random.Random(seed).sample(usable, min(len(usable), steps * batch_size))
-    rows = [{"prompt": build_messages(title, k), "completion": [{"role": "assistant", "content": "\n".join(items[:k])}]}
-            for title, items in usable]
-    with tempfile.TemporaryDirectory() as scratch:  # nothing is saved mid-run: the caller writes the model
-        args = SFTConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=min(batch_size, len(rows)),
-                         learning_rate=lr, lr_scheduler_type="linear", warmup_steps=min(10, steps), weight_decay=0.0,
-                         max_grad_norm=1.0, seed=seed, logging_steps=1, save_strategy="no", report_to="none",
-                         use_cpu=resolve_device().type == "cpu", bf16=False, fp16=False,
-                         gradient_checkpointing=False, completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[LogCallback(log_fn, lambda logs: {"sft_loss": logs["loss"]})] if log_fn else [])
-        trainer.train()
-    model.eval()
-    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
-
-
 def bootstrap_folm(
     pairs: Sequence[tuple[str, Sequence[str]]],
     out_dir: Path,
     k: int,
-    sft_steps: int,
+    steps: int,
     size: TinyLMSize | None = None,
     lr: float = 3e-3,
     batch_size: int = 16,
@@ -117,7 +77,7 @@ def bootstrap_folm(
     texts += [title for title, _ in pairs] + [item for _, items in pairs for item in items]
     tokenizer = train_tokenizer(texts, size.vocab_size)
     model = build_tiny_lm(tokenizer, size, seed).to(resolve_device())
-    losses = sft_warm_start(model, tokenizer, pairs, k, sft_steps, lr, batch_size, seed, log_fn)
+    losses = sft_warm_start(model, tokenizer, pairs, k, steps, lr, batch_size, seed, log_fn)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

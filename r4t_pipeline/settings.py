@@ -331,7 +331,7 @@ class Settings(BaseModel):
 
 
 # The 2-core CPU machine, all assets of both domains and both regimes in under 30 minutes: a 3.6M-param
-# bootstrap FOLM (SmolLM2-135M takes ~8 s per LoRA warm-start step of 8 pairs there, ~49 s per GRPO step and
+# bootstrap FOLM (SmolLM2-135M takes 8-13 s per LoRA warm-start step of 8 pairs there, ~49 s per GRPO step and
 # ~1.2 s per query to write a fan-out), short RL, few synthetic samples. GRPO, the FOLM's warm start and the
 # latency benchmark are most of the time; groups of 6 (not 8), batch sizes 8 and 256 with a projected budget, and
 # 20 validation queries keep it inside the budget on the slower machine.

@@ -29,7 +29,7 @@ from r4t_pipeline.settings import load_settings
 REPO = Path(__file__).resolve().parents[1]
 FOUNDATION = "polyvore/catalog+"  # the catalog and what it feeds directly, then the index below it
 TINY_FOLM = {"sft_steps": 2, "bootstrap_size": {"vocab_size": 300, "hidden_size": 32,
-                                                          "intermediate_size": 64, "num_heads": 2, "num_layers": 1}}
+                                                "intermediate_size": 64, "num_heads": 2, "num_layers": 1}}
 
 
 def deployment(root: Path, **changes) -> Path:

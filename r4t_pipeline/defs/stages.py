@@ -49,13 +49,15 @@ def folm_base_asset(settings: Settings, name: str):
         if cfg.base == "pretrained":  # it knows language already: teach it the intents people write, not keywords
             written = pairs.filter(pl.col("source").is_in(q.EVALUATION_SOURCES))
             pairs = written if written.height else pairs
+            spec, shape = cfg.base_model, {"lora_rank": cfg.sft_lora_rank}
+        else:
+            spec, shape = "bootstrap", cfg.bootstrap_size.model_dump()
         examples = [(query, [names[i] for i in ids if names[i]])
                     for query, ids in pairs.select("query", "reference_ids").iter_rows()]
-        model, spec = str(production.path / "model"), cfg.base_model if cfg.base == "pretrained" else "bootstrap"
+        model = str(production.path / "model")
         sft = {"steps": cfg.sft_steps, "lr": cfg.sft_lr, "batch_size": cfg.sft_batch_size}
-        params = {**sft, **({"lora_rank": cfg.sft_lora_rank} if cfg.base == "pretrained" else
-                            cfg.bootstrap_size.model_dump())}
-        with mlflow.run(f"{name}/folm_base", params={"base": spec, **params}) as run, production.writing() as tmp:
+        with mlflow.run(f"{name}/folm_base", params={"base": spec, **sft, **shape}) as run, \
+                production.writing() as tmp:
             if cfg.base == "pretrained":
                 losses = warm_start_pretrained(cfg.base_model, examples, tmp / "model", settings.rewards.k,
                                                lora_rank=cfg.sft_lora_rank, log_fn=run.log, **sft)

@@ -55,7 +55,6 @@ def sft_warm_start(
     return [row["loss"] for row in trainer.state.log_history if "loss" in row]
 
 
-
 def warm_start_pretrained(
     spec: str,
     pairs: Sequence[tuple[str, Sequence[str]]],

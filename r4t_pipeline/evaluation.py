@@ -9,11 +9,13 @@ OAR: embedding proxies, on 0-100, of the paper's LLM-judge dimensions:
   alignment    = mean cos(retrieved collection, E_q(query))
 Every number is a mean over queries with a bootstrap standard error over queries. R4T-Diffusion is also evaluated
 with a sweep of samplers and step counts, each with its fan-out latency at batch 8, so the sampler's cost is read
-off beside what it buys.
+off beside what it buys. WSCR on a catalog whose items carry categories also gets its headroom: the recall of two
+fixed fan-outs of category names that bracket what a sub-query writer at that granularity can reach.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,6 +84,47 @@ def evaluate_wscr(retriever: Retriever, queries: list[str], reference_ids: list[
     metrics["vendi"] = mean_and_error(run_vendi(batches))
     metrics["fanout_seconds_per_query"] = (sum(b.fanout_seconds for b in batches) / (runs * len(queries)), 0.0)
     return metrics
+
+
+class CategoryFanout(Retriever):
+    """Evaluation only (WSCR): one direction per category name, embedded by E_q like a sub-query. With `ceiling`,
+    the distinct categories of the query's reference items: it reads the answer, so it is a bound, not a method.
+    Otherwise `floor`: the same names for every query, the catalog's K most frequent categories (no intent)."""
+
+    name = "category_fanout"
+
+    def __init__(self, space, index, categories: dict[str, str], k: int, ceiling: bool):
+        super().__init__(space, index)
+        self.categories, self.k, self.ceiling = categories, k, ceiling
+        self.frequent = [c for c, _ in Counter(c for c in categories.values() if c).most_common(k)]
+
+    def subqueries(self, query: str, reference: Sequence[str]) -> list[str]:
+        if not self.ceiling:
+            return self.frequent
+        return list(dict.fromkeys(self.categories[i] for i in reference if self.categories.get(i)))[:self.k] or [query]
+
+    def directions(self, queries, seed, reference_ids=None):
+        if self.ceiling and reference_ids is None:
+            raise ValueError("the ceiling names the categories of the reference items: pass reference_ids")
+        texts = [self.subqueries(q, ids) for q, ids in zip(queries, reference_ids or [[]] * len(queries))]
+        return [self.space.encode_queries(t) for t in texts], texts
+
+
+def category_headroom(space, index, categories: dict[str, str], queries: list[str], reference_ids: list[list[str]],
+                      pools: dict[str, int], k: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """Recall and Hit of the ceiling and the floor `CategoryFanout`s; empty when no item has a category."""
+    if not any(categories.values()):
+        return {}
+    headroom = {}
+    for bound in ("ceiling", "floor"):
+        batch = CategoryFanout(space, index, categories, k, bound == "ceiling").retrieve(
+            queries, max(pools.values()), reference_ids=reference_ids)
+        headroom[bound] = {}
+        for label, pool in pools.items():
+            scores = wscr_pool_metrics(truncate_pool(batch, pool), reference_ids)
+            headroom[bound].update({f"recall@{label}": mean_and_error(100 * scores["recall"]),
+                                    f"hit@{label}": mean_and_error(100 * scores["hit"])})
+    return headroom
 
 
 def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0, judge=None,
@@ -178,7 +221,12 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
             sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
                           "metrics": evaluate(retriever, judged=False),  # the proxies; judge calls cost
                           "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))})
-    return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards,
+    headroom = {}
+    if regime == "wscr":  # what naming the right item types would reach, beside what the methods reach
+        categories = dict(zip(catalog.items["item_id"].to_list(), catalog.items["category"].to_list()))
+        headroom = category_headroom(scorer.space, scorer.index, categories, queries, test["reference_ids"].to_list(),
+                                     pools, k)
+    return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards, "headroom": headroom,
             "diffusion_sampling": settings.diffusion.sampling(), "sampler_sweep": sweep}
 
 

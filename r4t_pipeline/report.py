@@ -81,6 +81,23 @@ def sweep_table(evaluation: dict) -> str:
     return "\n".join(rows) + f"\n\n{evaluated}Fan-out latency includes query encoding (median, this machine)."
 
 
+def headroom_table(evaluation: dict) -> str:
+    """WSCR: the category-name fan-outs that bracket the methods (see `evaluation.CategoryFanout`)."""
+    headroom = evaluation.get("headroom") or {}
+    if not headroom:
+        return ""
+    columns = [f"{m}@{p}" for p in evaluation["pools"] for m in ("recall", "hit")]
+    titles = {"ceiling": "Ceiling: the categories of the reference items (reads the answer)",
+              "floor": "Floor: the K most frequent categories, for every query"}
+    rows = ["| category-name fan-out | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows += [f"| {titles[bound]} | " + " | ".join(_cell(headroom[bound][c]) for c in columns) + " |"
+             for bound in ("ceiling", "floor")]
+    return "\n".join(rows) + (
+        "\n\nOne direction per category name, embedded like a sub-query, with the methods' pools. The ceiling is not a "
+        "method: it shows how far fan-out could go if the sub-queries named the right item types; a method between "
+        "the two rows is limited by which types it names.")
+
+
 def _pool_note(evaluation: dict) -> str:
     kept = (" \"+ query\": the same fan-out with the query kept as one more direction (RAG-Fusion keeps it), the pool "
             "split over K + 1 directions." if any(m.endswith(KEPT_QUERY) for m in evaluation["metrics"]) else "")
@@ -200,6 +217,8 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
                   "so its alignment is 1 and its diversity 1/K by construction (not comparable); no fan-out and "
                   "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
                   reward_table(ev), ""]
+        if headroom := headroom_table(ev):
+            parts += ["### Headroom: fan-outs of category names", "", headroom, ""]
         if sweep := sweep_table(ev):
             parts += ["### R4T-Diffusion: samplers against quality and latency", "", sweep, ""]
         parts += ["### Examples", "", _examples_md(ev), ""]

@@ -2,6 +2,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from r4t_pipeline.evaluation import run_vendi, wscr_pool_metrics
 from r4t_pipeline.report import metrics_table, render_html, render_markdown
@@ -59,10 +60,15 @@ def test_report_renders_both_tables_in_method_order(smoke):
         "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion", "R4T-Diffusion + query",
         "Supervised set diffusion"]  # smoke: R4T-Diffusion is evaluated again with the query kept
     assert "recall@3.5%" in metrics_table(evaluations[1]) and "vendi" in metrics_table(evaluations[1])
+    headroom = evaluations[1]["headroom"]  # Polyvore items carry categories
+    pool = max(evaluations[1]["pools"], key=evaluations[1]["pools"].get)
+    assert headroom["ceiling"][f"recall@{pool}"][0] > headroom["floor"][f"recall@{pool}"][0]
     markdown = render_markdown(evaluations, [])
     page = render_html(markdown, {"figure": "iVBORw0KGgo="})
-    # per regime: methods, training reward, and R4T-Diffusion with each swept sampler (smoke: DPM-Solver++, 2 steps)
-    assert page.count("<table>") == 6 and "src='data:image/png;base64," in page and "http" not in page
+    # per regime: methods, training reward, and R4T-Diffusion with each swept sampler (smoke: DPM-Solver++, 2 steps);
+    # WSCR also the category-name headroom
+    assert page.count("<table>") == 7 and "| Ceiling: the categories of the reference items" in markdown
+    assert "src='data:image/png;base64," in page and "http" not in page
     assert markdown.count("| DPM-Solver++(2M) | 2 | 2 | ") == 2 and "guidance w = " in markdown
     report = (smoke.path("evaluation_report") / "report.md").read_text()
     served = report[report.index("#### Served over HTTP"):report.index("Closed loop:")].splitlines()
@@ -80,3 +86,16 @@ def test_smaller_pool_is_read_off_the_ranked_candidates():
     small = truncate_pool(batch, 3)  # two directions: ceil(3 / 2) = 2 each
     assert small.fanouts[0].candidate_ids == [["a", "b"], ["d", "e"]]
     assert wscr_pool_metrics(small, [["c", "d"]])["recall"][0] == 0.5
+
+
+def test_category_fanouts_name_the_reference_types_or_the_most_frequent_ones():
+    from r4t_pipeline.evaluation import CategoryFanout
+
+    categories = {"a": "Boots", "b": "Bags", "c": "Boots", "d": "", "e": "Bags", "f": "Hats"}
+    ceiling = CategoryFanout(None, None, categories, k=2, ceiling=True)
+    assert ceiling.subqueries("q", ["c", "d", "f", "b"]) == ["Boots", "Hats"]  # distinct, in order, at most K
+    assert ceiling.subqueries("winter hats", ["d"]) == ["winter hats"]  # no category: the query itself
+    with pytest.raises(ValueError, match="pass reference_ids"):
+        ceiling.directions(["q"], seed=0)
+    floor = CategoryFanout(None, None, categories, k=2, ceiling=False)
+    assert floor.subqueries("q", ["f"]) == ["Boots", "Bags"]  # the same for every query: no intent

@@ -15,7 +15,15 @@ from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
 from r4t_pipeline.modit.artefacts import EVALUATION_DIR
 from r4t_pipeline.modit.artefacts import LATENCY_FILE as MODIT_LATENCY_FILE
 from r4t_pipeline.records import FileRecord, Record
-from r4t_pipeline.report import latency_figure, metrics_table, render_html, render_markdown, reward_figure, reward_table
+from r4t_pipeline.report import (
+    headroom_table,
+    latency_figure,
+    metrics_table,
+    render_html,
+    render_markdown,
+    reward_figure,
+    reward_table,
+)
 from r4t_pipeline.settings import Settings
 from r4t_pipeline.stack import artefacts_of
 
@@ -47,7 +55,8 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
         artefacts = artefacts_of(regime, inputs)
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
             result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts)
-            run.log(0, {f"{method}/{metric}": value[0] for method, values in result["metrics"].items()
+            rows = result["metrics"] | {f"headroom_{bound}": v for bound, v in result.get("headroom", {}).items()}
+            run.log(0, {f"{row}/{metric}": value[0] for row, values in rows.items()
                         for metric, value in values.items()})
         write_result(production, METRICS_FILE, result)
         metadata = {"queries": result["queries"], "query_sources": result["query_sources"]}
@@ -56,6 +65,8 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
         else:
             metadata |= {"table": dg.MetadataValue.md(metrics_table(result)),
                          "validation_reward": dg.MetadataValue.md(reward_table(result))}
+            if headroom := headroom_table(result):
+                metadata["headroom"] = dg.MetadataValue.md(headroom)
         return production.output(production.record(FileRecord), metadata)
 
     return evaluation

@@ -70,17 +70,24 @@ def truncate_pool(batch: RetrievalBatch, pool_size: int) -> RetrievalBatch:
     return RetrievalBatch(fanouts, batch.fanout_seconds, batch.search_seconds)
 
 
+def pooled_recall_and_hit(batch: RetrievalBatch, reference_ids: Sequence[Sequence[str]], pools: dict[str, int]
+                          ) -> dict[str, tuple[float, float]]:
+    """Recall and Hit (%, mean and s.e.) at each pool, read off one batch retrieved at the largest pool."""
+    metrics = {}
+    for label, pool in pools.items():
+        scores = wscr_pool_metrics(truncate_pool(batch, pool), reference_ids)
+        metrics[f"recall@{label}"] = mean_and_error(100 * scores["recall"])
+        metrics[f"hit@{label}"] = mean_and_error(100 * scores["hit"])
+    return metrics
+
+
 def evaluate_wscr(retriever: Retriever, queries: list[str], reference_ids: list[list[str]], pools: dict[str, int],
                   runs: int, seed: int = 0) -> dict[str, tuple[float, float]]:
     """`pools`: label -> pool size, e.g. {"5K": 5000, "3.5%": 668}; R runs are retrieved once at the largest
     pool, smaller pools are read off the same ranked candidates, and the Vendi Score uses all R runs."""
     batches = [retriever.retrieve(queries, max(pools.values()), seed=seed + r, reference_ids=reference_ids)
                for r in range(runs)]
-    metrics: dict[str, tuple[float, float]] = {}
-    for label, pool in pools.items():
-        scores = wscr_pool_metrics(truncate_pool(batches[0], pool), reference_ids)
-        metrics[f"recall@{label}"] = mean_and_error(100 * scores["recall"])
-        metrics[f"hit@{label}"] = mean_and_error(100 * scores["hit"])
+    metrics = pooled_recall_and_hit(batches[0], reference_ids, pools)
     metrics["vendi"] = mean_and_error(run_vendi(batches))
     metrics["fanout_seconds_per_query"] = (sum(b.fanout_seconds for b in batches) / (runs * len(queries)), 0.0)
     return metrics
@@ -107,7 +114,7 @@ class CategoryFanout(Retriever):
         if self.ceiling and reference_ids is None:
             raise ValueError("the ceiling names the categories of the reference items: pass reference_ids")
         texts = [self.subqueries(q, ids) for q, ids in zip(queries, reference_ids or [[]] * len(queries))]
-        return [self.space.encode_queries(t) for t in texts], texts
+        return self.embed_subqueries(texts), texts
 
 
 def category_headroom(space, index, categories: dict[str, str], queries: list[str], reference_ids: list[list[str]],
@@ -115,16 +122,9 @@ def category_headroom(space, index, categories: dict[str, str], queries: list[st
     """Recall and Hit of the ceiling and the floor `CategoryFanout`s; empty when no item has a category."""
     if not any(categories.values()):
         return {}
-    headroom = {}
-    for bound in ("ceiling", "floor"):
-        batch = CategoryFanout(space, index, categories, k, bound == "ceiling").retrieve(
-            queries, max(pools.values()), reference_ids=reference_ids)
-        headroom[bound] = {}
-        for label, pool in pools.items():
-            scores = wscr_pool_metrics(truncate_pool(batch, pool), reference_ids)
-            headroom[bound].update({f"recall@{label}": mean_and_error(100 * scores["recall"]),
-                                    f"hit@{label}": mean_and_error(100 * scores["hit"])})
-    return headroom
+    return {bound: pooled_recall_and_hit(CategoryFanout(space, index, categories, k, bound == "ceiling").retrieve(
+                queries, max(pools.values()), reference_ids=reference_ids), reference_ids, pools)
+            for bound in ("ceiling", "floor")}
 
 
 def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0, judge=None,

@@ -34,13 +34,17 @@ def _cell(value: tuple[float, float], digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {err:.{digits}f}"
 
 
+def _pool_columns(evaluation: dict) -> list[str]:
+    """WSCR: recall and hit at each pool, in the evaluation's pool order."""
+    return [f"{m}@{p}" for p in evaluation["pools"] for m in ("recall", "hit")]
+
+
 def metrics_table(evaluation: dict) -> str:
     metrics = evaluation["metrics"]
     if evaluation["regime"] == "oar":
         columns = list(OAR_COLUMNS) + [c for c in next(iter(metrics.values())) if c.startswith("judge_")]
     else:
-        pools = list(evaluation["pools"])
-        columns = [f"{m}@{p}" for p in pools for m in ("recall", "hit")] + ["vendi"]
+        columns = _pool_columns(evaluation) + ["vendi"]
     header = "| method | " + " | ".join(columns) + " |"
     rows = [header, "|---" * (len(columns) + 1) + "|"]
     for method in sorted(metrics, key=_method_order):
@@ -86,7 +90,7 @@ def headroom_table(evaluation: dict) -> str:
     headroom = evaluation.get("headroom") or {}
     if not headroom:
         return ""
-    columns = [f"{m}@{p}" for p in evaluation["pools"] for m in ("recall", "hit")]
+    columns = _pool_columns(evaluation)
     titles = {"ceiling": "Ceiling: the categories of the reference items (reads the answer)",
               "floor": "Floor: the K most frequent categories, for every query"}
     rows = ["| category-name fan-out | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]

@@ -59,6 +59,12 @@ class Retriever(ABC):
                    ) -> tuple[list[np.ndarray], list[list[str]] | None]:
         """Per query an (n, d) array of unit directions, and the sub-query texts when there are any."""
 
+    def embed_subqueries(self, subqueries: list[list[str]]) -> list[np.ndarray]:
+        """Per query its sub-queries' E_q embeddings, all encoded in one call."""
+        flat = self.space.encode_queries([s for group in subqueries for s in group])
+        bounds = np.cumsum([0] + [len(g) for g in subqueries])
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
     def retrieve(self, queries: list[str], pool_size: int, seed: int = 0,
                  reference_ids: list[list[str]] | None = None, keep_query: bool | None = None) -> RetrievalBatch:
         """`keep_query`: this call's choice (None: the retriever's `keep_query`)."""
@@ -117,12 +123,7 @@ class TextFanout(Retriever):
 
     def directions(self, queries, seed, reference_ids=None):
         subqueries = [group[0] for group in self.sample_subqueries(queries, 1, seed)]
-        return self._embed(subqueries), subqueries
-
-    def _embed(self, subqueries: list[list[str]]) -> list[np.ndarray]:
-        flat = self.space.encode_queries([s for group in subqueries for s in group])
-        bounds = np.cumsum([0] + [len(g) for g in subqueries])
-        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return self.embed_subqueries(subqueries), subqueries
 
 
 class ZeroShotFanout(TextFanout):
@@ -154,7 +155,7 @@ class BestOfN(TextFanout):
         totals = np.array([t["total"] for t in self.scorer.score_subqueries(
             flat_queries, [s for group in samples for s in group])]).reshape(len(queries), -1)
         best = [group[int(np.argmax(row))] for group, row in zip(samples, totals)]
-        return self._embed(best), best
+        return self.embed_subqueries(best), best
 
 
 class R4TDiffusion(Retriever):

@@ -20,9 +20,25 @@ class TinyLMSize(BaseModel):
     max_positions: int = Field(512, ge=64)
 
 
-class FolmTrainConfig(BaseModel):
+# Decoding constraints of synthesis and the text retrievers. GRPO samples without them, so that its pi_old is the
+# distribution its tokens were drawn from; the format and diversity terms teach K distinct lines instead.
+CONSTRAINED_DECODING_FIELDS = {"no_repeat_ngram_size", "fill_k_lines"}
+
+
+class FanoutSampling(BaseModel):
+    """How the FOLM samples a fan-out."""
+
     model_config = ConfigDict(extra="forbid")
 
+    temperature: float = Field(0.9, gt=0)
+    max_new_tokens: int = Field(96, ge=1)
+    no_repeat_ngram_size: int = Field(3, ge=0, description="no token n-gram twice in prompt and completion (0: off): "
+                                                         "a small FOLM otherwise loops on one line")
+    fill_k_lines: bool = Field(True, description="no end of sequence before K lines: a FOLM warm-started on shorter "
+                                                 "sets (outfits of ~5 items) otherwise stops early")
+
+
+class FolmTrainConfig(FanoutSampling):
     steps: int = Field(50, ge=1)
     group_size: int = Field(8, ge=2, description="G completions per query")
     per_step_queries: int = Field(2, ge=1)
@@ -33,8 +49,6 @@ class FolmTrainConfig(BaseModel):
     beta_forward: float = Field(0.05, ge=0)
     beta_reverse: float = Field(0.05, ge=0)
     num_iterations: int = Field(2, ge=1, description="updates per sampled batch; >= 2 lets the KL terms act")
-    max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.9, gt=0)
     k: int = Field(10, ge=1, description="sub-queries asked for in the prompt")
     lora_rank: int = Field(0, ge=0, description="0: full fine-tune")
     lora_alpha: int | None = None
@@ -48,11 +62,8 @@ class FolmTrainConfig(BaseModel):
     save_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
 
 
-class SynthConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SynthConfig(FanoutSampling):
     samples_per_query: int = Field(128, ge=1, description="S fan-outs sampled per training query")
-    temperature: float = 0.9
     keep: Literal["top_fraction", "threshold"] = "top_fraction"
     keep_fraction: float = Field(0.25, gt=0, le=1)
     reward_threshold: float | None = None
@@ -61,7 +72,6 @@ class SynthConfig(BaseModel):
     max_queries: int | None = None
     chunk_queries: int = Field(16, ge=1)
     batch_size: int = 32
-    max_new_tokens: int = 96
     seed: int = 0
 
 

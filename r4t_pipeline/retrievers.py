@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from r4t_pipeline.config import SamplerName
+from r4t_pipeline.config import FanoutSampling, SamplerName
 from r4t_pipeline.encoders import EmbeddingSpace
 from r4t_pipeline.fanout import parse_fanout
 from r4t_pipeline.index import VectorIndex
@@ -108,16 +108,18 @@ class TextFanout(Retriever):
     name = "text_fanout"
 
     def __init__(self, space: EmbeddingSpace, index: VectorIndex, model, tokenizer, k: int,
-                 temperature: float = 0.9, max_new_tokens: int = 128, batch_size: int = 16):
+                 sampling: FanoutSampling | None = None, batch_size: int = 16):
         super().__init__(space, index)
         self.model, self.tokenizer, self.k = model, tokenizer, k
-        self.temperature, self.max_new_tokens, self.batch_size = temperature, max_new_tokens, batch_size
+        self.sampling, self.batch_size = sampling or FanoutSampling(), batch_size
 
     def sample_subqueries(self, queries: list[str], num_samples: int, seed: int) -> list[list[list[str]]]:
         from r4t_pipeline.folm.generate import generate_fanouts
 
-        completions = generate_fanouts(self.model, self.tokenizer, queries, self.k, num_samples, self.temperature,
-                                       self.max_new_tokens, self.batch_size, seed)
+        s = self.sampling
+        completions = generate_fanouts(self.model, self.tokenizer, queries, self.k, num_samples, s.temperature,
+                                       s.max_new_tokens, self.batch_size, seed, s.no_repeat_ngram_size,
+                                       self.k if s.fill_k_lines else 0)
         return [[list(parse_fanout(c, self.k).subqueries) or [q] for c in group]
                 for q, group in zip(queries, completions)]
 

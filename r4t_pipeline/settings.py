@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r4t_pipeline.config import (
+    CONSTRAINED_DECODING_FIELDS,
     DiffusionTrainConfig,
     FolmTrainConfig,
     QueryRuntime,
@@ -160,6 +161,13 @@ class FolmSettings(Section):
                                                      "weights; 0: all weights. The bootstrap LM trains all of its own")
     max_train_queries: int | None = None
     train: FolmTrainConfig = FolmTrainConfig()
+
+    def version(self) -> str:
+        """What training reads: the constrained decoding moves the text retrievers, not the checkpoints."""
+        return stable_hash(self.model_dump(mode="json", exclude={"train": CONSTRAINED_DECODING_FIELDS}))
+
+    def decoding(self) -> dict:
+        return self.train.model_dump(mode="json", include=CONSTRAINED_DECODING_FIELDS)
 
     @model_validator(mode="after")
     def _bootstrap_is_trained(self) -> FolmSettings:

@@ -76,7 +76,8 @@ def synthesize_targets(model, tokenizer, scorer: FanoutScorer, queries: pl.DataF
             continue  # done by an earlier, interrupted run
         texts = chunk["query"].to_list()
         completions = generate_fanouts(model, tokenizer, texts, k, config.samples_per_query, config.temperature,
-                                       config.max_new_tokens, config.batch_size, config.seed + n)
+                                       config.max_new_tokens, config.batch_size, config.seed + n,
+                                       config.no_repeat_ngram_size, k if config.fill_k_lines else 0)
         rows = _score_chunk(scorer, chunk, completions, config, folm_checkpoint, k, regime)
         sampled += len(texts) * config.samples_per_query
         kept += len(rows)

@@ -24,7 +24,7 @@ from r4t_pipeline.folm import (
     train_folm,
     warm_start_pretrained,
 )
-from r4t_pipeline.folm.generate import prompt_ids
+from r4t_pipeline.folm.generate import MinLinesLogitsProcessor, eos_token_ids, newline_counts, prompt_ids
 from r4t_pipeline.folm.grpo import build_trainer
 
 K = 5
@@ -90,6 +90,24 @@ def test_generate_fanouts_shape_and_seed(tiny_dir):
     assert [len(group) for group in first] == [4, 4, 4]
     assert all(isinstance(text, str) for group in first for text in group)
     assert first == generate_fanouts(model, tokenizer, queries, K, 4, 1.0, 20, batch_size=5, seed=7)
+
+
+def test_min_lines_bans_end_of_sequence_until_k_lines(tiny_dir):
+    model, tokenizer = load_causal_lm(str(tiny_dir[0]), "cpu")
+    eos_ids = eos_token_ids(model, tokenizer)
+    prompt = prompt_ids(tokenizer, "boho", K)
+    newlines = newline_counts(tokenizer)
+    for written, allowed in (("boho skirt\nfringe bag", False), ("boho skirt\nfringe bag\nboots\nhat\nbelt", True)):
+        ids = torch.tensor([prompt + tokenizer(written, add_special_tokens=False)["input_ids"]])
+        scores = MinLinesLogitsProcessor(newlines, eos_ids, len(prompt), K)(ids, torch.zeros(1, len(tokenizer)))
+        assert torch.isfinite(scores[0, eos_ids]).all() == allowed
+        assert torch.isfinite(scores).sum() >= len(tokenizer) - len(eos_ids)  # nothing but end-of-sequence banned
+
+    queries = ["Street Style", "Winter Dresses Under $100", "boho"]
+    free = generate_fanouts(model, tokenizer, queries, K, 4, 1.0, 80, seed=3)
+    filled = generate_fanouts(model, tokenizer, queries, K, 4, 1.0, 300, seed=3, no_repeat_ngram_size=3, min_lines=K)
+    assert min(len(parse_fanout(t, K).subqueries) for g in free for t in g) < K  # the tiny LM stops short
+    assert all(text.count("\n") >= K - 1 for group in filled for text in group)
 
 
 def _trainer(tiny_dir, tmp_path, config, queries=("Street Style", "boho"), **overrides):

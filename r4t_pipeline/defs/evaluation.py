@@ -43,7 +43,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
     @dg.asset(key=[*prefix, "evaluation"], group_name="evaluation", kinds={"json"},
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
               code_version=code_version(settings.evaluation.version(), settings.diffusion.sampling(),
-                                        settings.query_runtime),
+                                        settings.folm.decoding(), settings.query_runtime),
               description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
                           f"supervised anchor) on the {name} {regime.upper()} test split.")
     @retry_transient
@@ -81,7 +81,8 @@ def report_assets(settings: Settings, names: list[str]) -> list:
     @dg.asset(key=["latency_benchmark"], group_name="evaluation", kinds={"json"},
               ins={k: v for n in names for k, v in _stage_ins(n, regime, prefix=f"{n}__").items()},
               code_version=code_version(cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds,
-                                        settings.diffusion.sampling(), cfg.serve_concurrency, cfg.serve_requests,
+                                        settings.diffusion.sampling(), settings.folm.decoding(),
+                                        cfg.serve_concurrency, cfg.serve_requests,
                                         settings.serve.model_dump(mode="json"), settings.query_runtime),
               description=f"Fan-out latency per batch size of every method on this machine, per catalog "
                           f"({regime.upper()}; median over repeats), and `r4t serve` under concurrent HTTP load.")

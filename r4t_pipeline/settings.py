@@ -358,7 +358,7 @@ DEMO: dict = {
     "diffusion": {"denoiser_preset": "demo", "guidance": 0.0, "sampler": "dpm2m", "sampler_steps": 8,
                   "train": {"steps": 250, "batch_size": 128, "lr": 2e-3, "warmup_steps": 25, "ema_decay": 0.995,
                             "checkpoint_every": 100}},
-    "evaluation": {"max_queries": 40, "max_validation_queries": 20, "runs": 3, "best_of_n": 4, "latency_repeats": 1,
+    "evaluation": {"max_queries": 40, "max_validation_queries": 20, "runs": 2, "best_of_n": 4, "latency_repeats": 1,
                    "keep_query_methods": ["r4t_diffusion"],
                    "latency_batch_sizes": [8, 256], "latency_budget_seconds": 30,
                    "serve_concurrency": [1, 8], "serve_requests": 200,

@@ -373,7 +373,7 @@ PROFILES: dict[str, dict] = {
     "demo": DEMO,
     # The 2-core CPU machine over a few hours: the demo with SmolLM2-135M-Instruct (the offline copy) as the FOLM,
     # warm-started by LoRA SFT on the training titles and tuned by GRPO with LoRA, twice the synthetic queries,
-    # four times the diffusion steps, and up to 120 test queries per catalog and regime. Sampling at 0.7: after 80
+    # sixteen times the diffusion steps, and up to 120 test queries per catalog and regime. Sampling at 0.7: after 80
     # warm-start steps SmolLM2 wrote catalog-style lines at 0.7 and mostly noise at 1.0. 4,000 diffusion steps: on
     # Polyvore OAR's 120 test queries the denoiser trained 1,000 steps averaged 43.6 (diversity 25.1), 4,000 steps
     # 45.3 (26.8), 10,000 steps 45.7 (26.8) at 5m19s and 13m17s of training.

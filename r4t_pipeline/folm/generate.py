@@ -46,20 +46,23 @@ def _until_eos(row: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
 
 
 class MinLinesLogitsProcessor(LogitsProcessor):
-    """Bans end-of-sequence until the completion has `min_lines` lines, counted by the newlines it wrote."""
+    """Bans end-of-sequence until the completion has `min_lines` lines, counted by the newlines it wrote.
+    `newlines` (`newline_counts`) must be on the device the model generates on: it is read at every token."""
 
     def __init__(self, newlines: torch.Tensor, eos_ids: list[int], prompt_width: int, min_lines: int):
         self.newlines, self.eos_ids, self.prompt_width, self.min_lines = newlines, eos_ids, prompt_width, min_lines
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         written = input_ids[:, self.prompt_width:]
-        lines = 1 + self.newlines.to(written.device)[written.clamp(max=len(self.newlines) - 1)].sum(dim=1)
+        lines = 1 + self.newlines[written.clamp(max=len(self.newlines) - 1)].sum(dim=1)
         short = lines < self.min_lines
         scores[short.nonzero(), torch.tensor(self.eos_ids, device=scores.device)] = float("-inf")
         return scores
 
 
-@functools.cache  # decoding the whole vocabulary takes ~0.45 s for SmolLM2: once per tokenizer, not per call
+# Decoding the whole vocabulary takes ~0.45 s for SmolLM2: once per tokenizer, not per call. Bounded, because the
+# service loads a new tokenizer at each reload and the cache keys on identity.
+@functools.lru_cache(maxsize=4)
 def newline_counts(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """How many newlines each token id writes (read only)."""
     return torch.tensor([text.count("\n") for text in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])])
@@ -96,7 +99,7 @@ def generate_fanouts(
     was_training = model.training
     model.eval()
     grouped: list[list[str]] = [[] for _ in queries]
-    newlines = newline_counts(tokenizer) if min_lines > 1 else None
+    newlines = newline_counts(tokenizer).to(device) if min_lines > 1 else None
     if newlines is not None and not newlines.any():
         raise ValueError("min_lines: the tokenizer has no token that writes a newline")
     for start in range(0, len(query_index), batch_size):

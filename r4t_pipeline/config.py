@@ -20,6 +20,9 @@ class TinyLMSize(BaseModel):
     max_positions: int = Field(512, ge=64)
 
 
+# What a warm-start line says about one item of a training set (see `folm.sft.warm_start_lines`).
+SftLines = Literal["item_names", "typed"]
+
 # Decoding constraints of synthesis and the text retrievers. GRPO samples without them, so that its pi_old is the
 # distribution its tokens were drawn from; the format and diversity terms teach K distinct lines instead.
 CONSTRAINED_DECODING_FIELDS = {"no_repeat_ngram_size", "fill_k_lines"}

@@ -25,6 +25,7 @@ from r4t_pipeline.config import (
     QueryRuntime,
     SamplerName,
     SamplerSetting,
+    SftLines,
     SynthConfig,
     TinyLMSize,
     deep_merge,
@@ -155,6 +156,9 @@ class FolmSettings(Section):
     bootstrap_size: TinyLMSize = TinyLMSize()
     sft_steps: int = Field(200, ge=0, description="supervised warm start on the training split's (set title -> "
                                                   "item names) pairs before RL; 0 (pretrained only): the base as is")
+    sft_lines: SftLines = Field("item_names", description="what each warm-start line says about an item of the set: "
+                                                         "its name, or `typed`: the set's title and the item's "
+                                                         "category (the catalog's item types)")
     sft_lr: float = Field(5e-4, gt=0)
     sft_batch_size: int = Field(8, ge=1)
     sft_lora_rank: int = Field(16, ge=0, description="pretrained: LoRA rank of the warm start, merged into the saved "
@@ -168,6 +172,13 @@ class FolmSettings(Section):
 
     def decoding(self) -> dict:
         return self.train.model_dump(mode="json", include=CONSTRAINED_DECODING_FIELDS)
+
+    @model_validator(mode="after")
+    def _typed_lines_can_repeat_the_title(self) -> FolmSettings:
+        if self.sft_lines == "typed" and self.train.no_repeat_ngram_size:
+            raise ValueError("sft_lines 'typed' repeats the query on every line: set folm.train.no_repeat_ngram_size "
+                             f"to 0 (it is {self.train.no_repeat_ngram_size})")
+        return self
 
     @model_validator(mode="after")
     def _bootstrap_is_trained(self) -> FolmSettings:

@@ -366,3 +366,15 @@ def test_an_llm_names_untitled_sets_and_the_corpus_falls_back_to_keywords(smoke,
     pairs = q.build_wscr_queries(untitled, facets, seed=0, max_pairs=5, query_writer=writer)
     assert pairs.height == 5 and set(pairs["source"]) <= {"llm", "keywords"}
     assert (pairs["query"].str.len_chars() > 0).all()
+
+
+def test_warm_start_lines_name_the_items_or_their_types():
+    from r4t_pipeline.folm.sft import warm_start_lines
+
+    items = [("Lace maxi dress", "Day Dresses"), ("Suede boots", "Boots"), ("Leather boots", "Boots"),
+             ("Straw hat", ""), ("", "")]
+    assert warm_start_lines("boho festival", items, "item_names") == [
+        "Lace maxi dress", "Suede boots", "Leather boots", "Straw hat"]
+    assert warm_start_lines(" boho festival ", items, "typed") == [  # one line per type; the name where none
+        "boho festival day dresses", "boho festival boots", "Straw hat"]
+

@@ -52,3 +52,11 @@ def test_loading_the_settings_and_the_cli_help_do_not_import_torch():
     code = "import sys, r4t_pipeline.cli, r4t_pipeline.settings; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False", "settings or the CLI pulled in torch (seconds of start-up for `r4t --help`)"
+
+
+def test_typed_lines_need_decoding_that_may_repeat_the_title():
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        load_settings("smoke", config_path=os.devnull, overrides={"folm": {"sft_lines": "typed"}})
+    typed = load_settings("smoke", config_path=os.devnull,
+                          overrides={"folm": {"sft_lines": "typed", "train": {"no_repeat_ngram_size": 0}}})
+    assert typed.folm.version() != load_settings("smoke", config_path=os.devnull).folm.version()

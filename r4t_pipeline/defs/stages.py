@@ -26,7 +26,8 @@ def folm_base_asset(settings: Settings, name: str):
               code_version=code_version(cfg.model_dump(mode="json", exclude={"max_train_queries", "train"}),
                                         settings.rewards.k),
               description="The zero-shot fan-out LM: the pretrained base model (LoRA) or a small LM trained here "
-                          "(bootstrap), warm-started on the training split's (set title -> item names) pairs.")
+                          "(bootstrap), warm-started on the training split's (set title -> a line per item: its name, "
+                          "or the title and its type) pairs.")
     @retry_transient
     def folm_base(context: dg.AssetExecutionContext, mlflow: MlflowTracking, catalog: CatalogRecord,
                   broad_queries: QueryCorpusRecord) -> dg.Output[ModelRecord]:
@@ -41,10 +42,11 @@ def folm_base_asset(settings: Settings, name: str):
             with production.writing() as tmp:
                 write_json(tmp / stack.BASE_RECORD, {"model": model, "spec": cfg.base_model})
             return production.output(production.record(ModelRecord, model=model), {**meta, "model": model})
-        from r4t_pipeline.folm.sft import warm_start_pretrained
+        from r4t_pipeline.folm.sft import warm_start_lines, warm_start_pretrained
         from r4t_pipeline.folm.tiny import bootstrap_folm
 
-        names = dict(zip(*Catalog.load(catalog.path).items.select("item_id", "name").to_dict().values()))
+        items = Catalog.load(catalog.path).items
+        name_and_type = dict(zip(items["item_id"], zip(items["name"], items["category"])))
         pairs = q.load_corpus(broad_queries.path, "wscr", "train")
         if cfg.base == "pretrained":  # it knows language already: teach it the intents people write, not keywords
             written = pairs.filter(pl.col("source").is_in(q.EVALUATION_SOURCES))
@@ -52,7 +54,7 @@ def folm_base_asset(settings: Settings, name: str):
             spec, shape = cfg.base_model, {"lora_rank": cfg.sft_lora_rank}
         else:
             spec, shape = "bootstrap", cfg.bootstrap_size.model_dump()
-        examples = [(query, [names[i] for i in ids if names[i]])
+        examples = [(query, warm_start_lines(query, [name_and_type[i] for i in ids], cfg.sft_lines))
                     for query, ids in pairs.select("query", "reference_ids").iter_rows()]
         model = str(production.path / "model")
         sft = {"steps": cfg.sft_steps, "lr": cfg.sft_lr, "batch_size": cfg.sft_batch_size}

@@ -1,6 +1,7 @@
-"""Supervised warm start of a fan-out LM on the catalog's own (collection title -> item names, one per line) pairs,
-before RL: it teaches the K-line format and the catalog's vocabulary. For the bootstrap LM (see `tiny`) and for a
-pretrained one (LoRA by default, merged into the saved weights so that every later stage loads a plain folder)."""
+"""Supervised warm start of a fan-out LM on the catalog's own (collection title -> one line per item) pairs, before
+RL: it teaches the K-line format and the catalog's vocabulary; the lines name the items or (`typed`) the title and
+each item's type. For the bootstrap LM (see `tiny`) and for a pretrained one (LoRA by default, merged into the saved
+weights so that every later stage loads a plain folder)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,28 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from r4t_pipeline.config import SftLines
 from r4t_pipeline.device import resolve_device
 from r4t_pipeline.fanout import build_messages
 from r4t_pipeline.folm.callbacks import LogCallback
 from r4t_pipeline.folm.models import load_causal_lm
 from r4t_pipeline.io import atomic_dir
+
+
+def warm_start_lines(title: str, items: Sequence[tuple[str, str]], style: SftLines) -> list[str]:
+    """The answer the warm start teaches for one set, from its items' (name, category): `item_names`, the names;
+    `typed`, the title followed by each item's category ("boho festival" -> "boho festival sandals"), the name
+    where an item has none. Empty and repeated lines (case-insensitive) are dropped, order kept."""
+    if style == "typed":
+        lines = [f"{title.strip()} {category.strip().lower()}" if category.strip() else name for name, category in items]
+    else:
+        lines = [name for name, _ in items]
+    kept, seen = [], set()
+    for line in (line.strip() for line in lines):
+        if line and line.lower() not in seen:
+            seen.add(line.lower())
+            kept.append(line)
+    return kept
 
 
 def sft_warm_start(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -103,17 +104,23 @@ def _answer_text(text: str) -> str:
     return _SPECIAL.sub("\n", segments[0]) if segments else ""
 
 
+def distinct_lines(lines: Iterable[str]) -> list[str]:
+    """Non-empty lines, whitespace collapsed, the first of each that compares equal case- and
+    whitespace-insensitively (SPEC §2's duplicates), order kept."""
+    seen: set[str] = set()
+    kept: list[str] = []
+    for line in (" ".join(line.split()) for line in lines):
+        if line and line.casefold() not in seen:
+            seen.add(line.casefold())
+            kept.append(line)
+    return kept
+
+
 def parse_fanout(text: str, k: int) -> ParsedFanout:
     """Split a completion into at most `k` sub-queries (one per line; markers, quotes, duplicates dropped)."""
     _check_k(k)
-    seen: set[str] = set()
-    lines: list[str] = []
-    for raw in _answer_text(text).splitlines():
-        line = _clean_line(raw)
-        key = line.casefold()
-        if line and any(ch.isalnum() for ch in line) and key not in seen:
-            seen.add(key)
-            lines.append(line)
+    cleaned = (_clean_line(raw) for raw in _answer_text(text).splitlines())
+    lines = distinct_lines(line for line in cleaned if any(ch.isalnum() for ch in line))
     return ParsedFanout(subqueries=tuple(lines[:k]), n_parsed=len(lines), unparseable=not lines and bool(text.strip()))
 
 

@@ -155,7 +155,8 @@ class FolmSettings(Section):
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     bootstrap_size: TinyLMSize = TinyLMSize()
     sft_steps: int = Field(200, ge=0, description="supervised warm start on the training split's (set title -> "
-                                                  "item names) pairs before RL; 0 (pretrained only): the base as is")
+                                                  "a line per item, see sft_lines) pairs before RL; 0 (pretrained "
+                                                  "only): the base as is")
     sft_lines: SftLines = Field("item_names", description="what each warm-start line says about an item of the set: "
                                                          "its name, or `typed`: the set's title and the item's "
                                                          "category (the catalog's item types)")

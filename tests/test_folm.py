@@ -377,4 +377,3 @@ def test_warm_start_lines_name_the_items_or_their_types():
         "Lace maxi dress", "Suede boots", "Leather boots", "Straw hat"]
     assert warm_start_lines(" boho festival ", items, "typed") == [  # one line per type; the name where none
         "boho festival day dresses", "boho festival boots", "Straw hat"]
-

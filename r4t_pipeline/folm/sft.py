@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from r4t_pipeline.config import SftLines
 from r4t_pipeline.device import resolve_device
-from r4t_pipeline.fanout import build_messages
+from r4t_pipeline.fanout import build_messages, distinct_lines
 from r4t_pipeline.folm.callbacks import LogCallback
 from r4t_pipeline.folm.models import load_causal_lm
 from r4t_pipeline.io import atomic_dir
@@ -23,17 +23,10 @@ from r4t_pipeline.io import atomic_dir
 def warm_start_lines(title: str, items: Sequence[tuple[str, str]], style: SftLines) -> list[str]:
     """The answer the warm start teaches for one set, from its items' (name, category): `item_names`, the names;
     `typed`, the title followed by each item's category ("boho festival" -> "boho festival sandals"), the name
-    where an item has none. Empty and repeated lines (case-insensitive) are dropped, order kept."""
+    where an item has none; empty and duplicate lines dropped as the parser drops them (`distinct_lines`)."""
     if style == "typed":
-        lines = [f"{title.strip()} {category.strip().lower()}" if category.strip() else name for name, category in items]
-    else:
-        lines = [name for name, _ in items]
-    kept, seen = [], set()
-    for line in (line.strip() for line in lines):
-        if line and line.lower() not in seen:
-            seen.add(line.lower())
-            kept.append(line)
-    return kept
+        return distinct_lines(f"{title} {category.lower()}" if category.strip() else name for name, category in items)
+    return distinct_lines(name for name, _ in items)
 
 
 def sft_warm_start(

@@ -7,7 +7,10 @@ OAR: embedding proxies, on 0-100, of the paper's LLM-judge dimensions:
   groundedness = mean cos(retrieved collection, the direction that retrieved it)
   diversity    = (VS(retrieved collections) - 1) / (K - 1)   (Vendi, cosine kernel; duplicates count)
   alignment    = mean cos(retrieved collection, E_q(query))
-Every number is a mean over queries with a bootstrap standard error over queries. R4T-Diffusion is also evaluated
+Every number is a mean over queries with a bootstrap standard error over queries; the comparisons the method's
+claims rest on (zero-shot against no fan-out, R4T-FOLM against zero-shot, R4T-Diffusion against R4T-FOLM and against
+the supervised anchor) are also reported as paired differences over the same queries, whose errors are far smaller
+than either method's own, since the hard queries are hard for both. R4T-Diffusion is also evaluated
 with a sweep of samplers and step counts, each with its fan-out latency at batch 8, so the sampler's cost is read
 off beside what it buys. WSCR on a catalog whose items carry categories also gets its headroom: the recall of two
 fixed fan-outs of category names that bracket what a sub-query writer at that granularity can reach.
@@ -29,6 +32,10 @@ from r4t_pipeline.retrievers import Fanout, RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
 
 METRICS_FILE = "metrics.json"  # what `run_evaluation` returns, as the evaluation asset writes it
+RESULT_VERSION = 2  # of what `run_evaluation` returns: bump when a field is added or changes meaning
+# (method, against): the paper's claims, each a paired difference over the same test queries
+COMPARISONS = (("zero_shot", "no_fanout"), ("r4t_folm", "zero_shot"), ("r4t_diffusion", "r4t_folm"),
+               ("r4t_diffusion", "supervised_diffusion"))
 
 
 def wscr_pool_metrics(batch: RetrievalBatch, reference_ids: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
@@ -71,26 +78,30 @@ def truncate_pool(batch: RetrievalBatch, pool_size: int) -> RetrievalBatch:
 
 
 def pooled_recall_and_hit(batch: RetrievalBatch, reference_ids: Sequence[Sequence[str]], pools: dict[str, int]
-                          ) -> dict[str, tuple[float, float]]:
-    """Recall and Hit (%, mean and s.e.) at each pool, read off one batch retrieved at the largest pool."""
-    metrics = {}
+                          ) -> dict[str, np.ndarray]:
+    """Per query, Recall and Hit (%) at each pool, read off one batch retrieved at the largest pool."""
+    scores = {}
     for label, pool in pools.items():
-        scores = wscr_pool_metrics(truncate_pool(batch, pool), reference_ids)
-        metrics[f"recall@{label}"] = mean_and_error(100 * scores["recall"])
-        metrics[f"hit@{label}"] = mean_and_error(100 * scores["hit"])
-    return metrics
+        at_pool = wscr_pool_metrics(truncate_pool(batch, pool), reference_ids)
+        scores[f"recall@{label}"], scores[f"hit@{label}"] = 100 * at_pool["recall"], 100 * at_pool["hit"]
+    return scores
 
 
-def evaluate_wscr(retriever: Retriever, queries: list[str], reference_ids: list[list[str]], pools: dict[str, int],
-                  runs: int, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """`pools`: label -> pool size, e.g. {"5K": 5000, "3.5%": 668}; R runs are retrieved once at the largest
-    pool, smaller pools are read off the same ranked candidates, and the Vendi Score uses all R runs."""
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Mean and bootstrap standard error over queries of each per-query score."""
+    return {name: mean_and_error(values) for name, values in scores.items()}
+
+
+def wscr_scores(retriever: Retriever, queries: list[str], reference_ids: list[list[str]], pools: dict[str, int],
+                runs: int, seed: int = 0) -> tuple[dict[str, np.ndarray], float]:
+    """Per-query scores and the fan-out seconds per query. `pools`: label -> pool size, e.g. {"5K": 5000, "3.5%":
+    668}; R runs are retrieved once at the largest pool, smaller pools are read off the same ranked candidates, and
+    the Vendi Score uses all R runs."""
     batches = [retriever.retrieve(queries, max(pools.values()), seed=seed + r, reference_ids=reference_ids)
                for r in range(runs)]
-    metrics = pooled_recall_and_hit(batches[0], reference_ids, pools)
-    metrics["vendi"] = mean_and_error(run_vendi(batches))
-    metrics["fanout_seconds_per_query"] = (sum(b.fanout_seconds for b in batches) / (runs * len(queries)), 0.0)
-    return metrics
+    scores = pooled_recall_and_hit(batches[0], reference_ids, pools)
+    scores["vendi"] = run_vendi(batches)
+    return scores, sum(b.fanout_seconds for b in batches) / (runs * len(queries))
 
 
 class CategoryFanout(Retriever):
@@ -122,25 +133,34 @@ def category_headroom(space, index, categories: dict[str, str], queries: list[st
     """Recall and Hit of the ceiling and the floor `CategoryFanout`s; empty when no item has a category."""
     if not any(categories.values()):
         return {}
-    return {bound: pooled_recall_and_hit(CategoryFanout(space, index, categories, k, bound == "ceiling").retrieve(
-                queries, max(pools.values()), reference_ids=reference_ids), reference_ids, pools)
+    return {bound: summarize(pooled_recall_and_hit(
+                CategoryFanout(space, index, categories, k, bound == "ceiling").retrieve(
+                    queries, max(pools.values()), reference_ids=reference_ids), reference_ids, pools))
             for bound in ("ceiling", "floor")}
 
 
-def evaluate_oar(retriever: Retriever, queries: list[str], k: int, seed: int = 0, judge=None,
-                 label=None) -> dict[str, tuple[float, float]]:
-    """Embedding proxies; with an `LLMJudge` (and `label`: id -> text), also the judge's three scores."""
+def oar_scores(retriever: Retriever, queries: list[str], k: int, seed: int = 0, judge=None,
+               label=None) -> tuple[dict[str, np.ndarray], float]:
+    """Per-query embedding proxies (with an `LLMJudge` and `label`: id -> text, also the judge's three scores) and
+    the fan-out seconds per query."""
     batch = retriever.retrieve(queries, k, seed=seed)
-    proxies = oar_proxies(batch, retriever, retriever.space.encode_queries(queries))
-    proxies["average"] = (proxies["groundedness"] + proxies["diversity"] + proxies["alignment"]) / 3
+    scores = oar_proxies(batch, retriever, retriever.space.encode_queries(queries))
+    scores["average"] = (scores["groundedness"] + scores["diversity"] + scores["alignment"]) / 3
     if judge is not None:
         judged = [judge.score(f.query, [(f.subqueries[n] if f.subqueries else f"direction {n + 1}", label(i))
                                         for n, ids in enumerate(f.candidate_ids) for i in ids])
                   for f in batch.fanouts]
-        proxies.update({f"judge_{name}": np.array([j[name] for j in judged]) for name in judged[0]})
-    metrics = {name: mean_and_error(values) for name, values in proxies.items()}
-    metrics["fanout_seconds_per_query"] = (batch.fanout_seconds / len(queries), 0.0)
-    return metrics
+        scores.update({f"judge_{name}": np.array([j[name] for j in judged]) for name in judged[0]})
+    return scores, batch.fanout_seconds / len(queries)
+
+
+def paired_differences(per_query: dict[str, dict[str, np.ndarray]], metrics: Sequence[str]
+                       ) -> list[dict]:
+    """Each of `COMPARISONS` whose two methods were evaluated: per metric, the mean over queries of the first
+    method's score minus the second's, with the bootstrap standard error of that mean."""
+    return [{"method": method, "against": against,
+             "difference": {m: mean_and_error(per_query[method][m] - per_query[against][m]) for m in metrics}}
+            for method, against in COMPARISONS if method in per_query and against in per_query]
 
 
 def training_reward(retriever: Retriever, scorer, queries: list[str], reference_ids: list[list[str]] | None,
@@ -192,16 +212,21 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
 
         judge = LLMJudge(cfg.llm_judge_url, cfg.llm_judge_model, cfg.llm_judge_api_key_env, seed=cfg.seed)
 
-    def evaluate(retriever: Retriever, judged: bool = True) -> dict[str, tuple[float, float]]:
+    def scores(retriever: Retriever, judged: bool = True) -> tuple[dict[str, np.ndarray], float]:
         if regime == "wscr":
-            return evaluate_wscr(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs, cfg.seed)
-        return evaluate_oar(retriever, queries, k + retriever.keep_query, cfg.seed, judge if judged else None, label)
+            return wscr_scores(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs, cfg.seed)
+        return oar_scores(retriever, queries, k + retriever.keep_query, cfg.seed, judge if judged else None, label)
 
-    metrics, examples, rewards = {}, {}, {}
+    def evaluate(retriever: Retriever, judged: bool = True) -> dict[str, tuple[float, float]]:
+        per_query, seconds = scores(retriever, judged)
+        return {**summarize(per_query), "fanout_seconds_per_query": (seconds, 0.0)}
+
+    metrics, per_query, examples, rewards = {}, {}, {}, {}
     for method in methods or stack.METHODS:
         retriever = stack.build_retriever(settings, regime, method, artefacts)
         rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
-        metrics[method] = evaluate(retriever)
+        per_query[method], seconds = scores(retriever)
+        metrics[method] = {**summarize(per_query[method]), "fanout_seconds_per_query": (seconds, 0.0)}
         if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
             batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
             examples[method] = [{"query": f.query, "directions": [
@@ -226,8 +251,10 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
         categories = dict(zip(catalog.items["item_id"].to_list(), catalog.items["category"].to_list()))
         headroom = category_headroom(scorer.space, scorer.index, categories, queries, test["reference_ids"].to_list(),
                                      pools, k)
-    return {**about, "metrics": metrics, "examples": examples, "validation_reward": rewards, "headroom": headroom,
-            "diffusion_sampling": settings.diffusion.sampling(), "sampler_sweep": sweep}
+    headline = ["diversity", "average"] if regime == "oar" else [f"recall@{label}" for label in pools]
+    return {**about, "metrics": metrics, "paired": paired_differences(per_query, headline), "examples": examples,
+            "validation_reward": rewards, "headroom": headroom, "diffusion_sampling": settings.diffusion.sampling(),
+            "sampler_sweep": sweep}
 
 
 def _labeller(catalog, regime: str):

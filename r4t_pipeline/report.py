@@ -85,6 +85,22 @@ def sweep_table(evaluation: dict) -> str:
     return "\n".join(rows) + f"\n\n{evaluated}Fan-out latency includes query encoding (median, this machine)."
 
 
+def paired_table(evaluation: dict) -> str:
+    """The claims as paired differences over the same test queries (see `evaluation.COMPARISONS`)."""
+    paired = evaluation.get("paired") or []  # absent from results written before RESULT_VERSION 2
+    if not paired:
+        return ""
+    columns = list(paired[0]["difference"])
+    rows = ["| comparison | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in paired:
+        rows.append(f"| {_method_title(row['method'])} − {_method_title(row['against'])} | "
+                    + " | ".join("{:+.1f} ± {:.1f}".format(*row["difference"][c]) for c in columns) + " |")
+    return "\n".join(rows) + (
+        "\n\nMean over the same test queries of the first method's score minus the second's, with its bootstrap "
+        "standard error: a difference beyond about two standard errors separates the two methods, where their own "
+        "error bars above may overlap.")
+
+
 def headroom_table(evaluation: dict) -> str:
     """WSCR: the category-name fan-outs that bracket the methods (see `evaluation.CategoryFanout`)."""
     headroom = evaluation.get("headroom") or {}
@@ -221,6 +237,8 @@ def render_markdown(evaluations: list[dict], benchmarks: list[dict], modit: dict
                   "so its alignment is 1 and its diversity 1/K by construction (not comparable); no fan-out and "
                   "R4T-Diffusion write no text, so they have no format term: compare them on `composite`.", "",
                   reward_table(ev), ""]
+        if paired := paired_table(ev):
+            parts += ["### Paired differences", "", paired, ""]
         if headroom := headroom_table(ev):
             parts += ["### Headroom: fan-outs of category names", "", headroom, ""]
         if sweep := sweep_table(ev):

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from r4t_pipeline import queries as q
 from r4t_pipeline.catalog import Catalog
@@ -52,6 +53,14 @@ def test_stage_artefacts_chain_together(smoke):
         # smoke evaluates R4T-Diffusion again with the query kept as one more direction
         assert set(metrics["metrics"]) == set(metrics["validation_reward"]) | {"r4t_diffusion+query"}
         assert all(-2 < r["total"] < 1.01 for r in metrics["validation_reward"].values())
+        # the claims as paired differences over the same queries: their mean is the difference of the two means
+        assert [(p["method"], p["against"]) for p in metrics["paired"]] == [
+            ("zero_shot", "no_fanout"), ("r4t_folm", "zero_shot"), ("r4t_diffusion", "r4t_folm"),
+            ("r4t_diffusion", "supervised_diffusion")]
+        for p in metrics["paired"]:
+            for metric, (difference, _) in p["difference"].items():
+                assert difference == pytest.approx(metrics["metrics"][p["method"]][metric][0]
+                                                   - metrics["metrics"][p["against"]][metric][0], abs=1e-9)
     report = (smoke.path("evaluation_report") / "report.md").read_text()
     assert "## polyvore · OAR" in report and "## polyvore · WSCR" in report and "Fan-out latency" in report
 

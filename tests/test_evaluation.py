@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from r4t_pipeline.evaluation import run_vendi, wscr_pool_metrics
+from r4t_pipeline.evaluation import paired_differences, run_vendi, wscr_pool_metrics
 from r4t_pipeline.report import metrics_table, render_html, render_markdown
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch
 from r4t_pipeline.stats import mean_and_error
@@ -51,6 +51,21 @@ def test_mean_and_bootstrap_error():
     assert mean == 49.5 and 2.0 < err < 3.8  # sd / sqrt(n) = 2.9
 
 
+def test_paired_differences_cancel_what_both_methods_share():
+    """Query difficulty shared by two methods drops out of their paired difference: here the per-query scores
+    spread over 0-99 (s.e. ~3 each), and one method is the other plus 2 +- 0.5, so the difference is 2 +- ~0.05."""
+    rng = np.random.default_rng(0)
+    base = rng.permutation(100).astype(float)
+    per_query = {"no_fanout": {"average": base}, "zero_shot": {"average": base + 2 + rng.uniform(-0.5, 0.5, 100)},
+                 "r4t_folm": {"average": base - 1.0}}
+    paired = paired_differences(per_query, ["average"])
+    assert [(p["method"], p["against"]) for p in paired] == [("zero_shot", "no_fanout"), ("r4t_folm", "zero_shot")]
+    (gain, gain_err), (loss, loss_err) = (p["difference"]["average"] for p in paired)
+    assert abs(gain - 2) < 0.1 and gain_err < 0.1 < mean_and_error(base)[1]
+    assert loss == pytest.approx(per_query["r4t_folm"]["average"].mean() - per_query["zero_shot"]["average"].mean())
+    assert loss_err < 0.1
+
+
 def test_report_renders_both_tables_in_method_order(smoke):
     evaluations = [json.loads((smoke.path(f"polyvore/{r}/evaluation") / "metrics.json").read_text())
                    for r in ("oar", "wscr")]
@@ -65,9 +80,12 @@ def test_report_renders_both_tables_in_method_order(smoke):
     assert headroom["ceiling"][f"recall@{pool}"][0] > headroom["floor"][f"recall@{pool}"][0]
     markdown = render_markdown(evaluations, [])
     page = render_html(markdown, {"figure": "iVBORw0KGgo="})
-    # per regime: methods, training reward, and R4T-Diffusion with each swept sampler (smoke: DPM-Solver++, 2 steps);
-    # WSCR also the category-name headroom
-    assert page.count("<table>") == 7 and "| Ceiling: the categories of the reference items" in markdown
+    # per regime: methods, training reward, paired differences and R4T-Diffusion with each swept sampler (smoke:
+    # DPM-Solver++, 2 steps); WSCR also the category-name headroom
+    assert page.count("<table>") == 9 and "| Ceiling: the categories of the reference items" in markdown
+    assert markdown.count("| Zero-shot fan-out − No fan-out | ") == 2
+    recalls = " | ".join(f"recall@{label}" for label in evaluations[1]["pools"])
+    assert "| comparison | diversity | average |" in markdown and f"| comparison | {recalls} |" in markdown
     assert "src='data:image/png;base64," in page and "http" not in page
     assert markdown.count("| DPM-Solver++(2M) | 2 | 2 | ") == 2 and "guidance w = " in markdown
     report = (smoke.path("evaluation_report") / "report.md").read_text()

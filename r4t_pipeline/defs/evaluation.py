@@ -10,7 +10,7 @@ from r4t_pipeline.bench import benchmark_queries, format_table, run_benchmark
 from r4t_pipeline.defs.modit import EVALUATION_KEY
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
-from r4t_pipeline.evaluation import METRICS_FILE, run_evaluation
+from r4t_pipeline.evaluation import METRICS_FILE, RESULT_VERSION, run_evaluation
 from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
 from r4t_pipeline.modit.artefacts import EVALUATION_DIR
 from r4t_pipeline.modit.artefacts import LATENCY_FILE as MODIT_LATENCY_FILE
@@ -19,6 +19,7 @@ from r4t_pipeline.report import (
     headroom_table,
     latency_figure,
     metrics_table,
+    paired_table,
     render_html,
     render_markdown,
     reward_figure,
@@ -43,7 +44,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
     @dg.asset(key=[*prefix, "evaluation"], group_name="evaluation", kinds={"json"},
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
               code_version=code_version(settings.evaluation.version(), settings.diffusion.sampling(),
-                                        settings.folm.decoding(), settings.query_runtime),
+                                        settings.folm.decoding(), settings.query_runtime, RESULT_VERSION),
               description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
                           f"supervised anchor) on the {name} {regime.upper()} test split.")
     @retry_transient
@@ -55,7 +56,8 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
         artefacts = artefacts_of(regime, inputs)
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
             result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts)
-            rows = result["metrics"] | {f"headroom_{bound}": v for bound, v in result.get("headroom", {}).items()}
+            rows = (result["metrics"] | {f"headroom_{bound}": v for bound, v in result.get("headroom", {}).items()}
+                    | {f"{p['method']}-{p['against']}": p["difference"] for p in result.get("paired", [])})
             run.log(0, {f"{row}/{metric}": value[0] for row, values in rows.items()
                         for metric, value in values.items()})
         write_result(production, METRICS_FILE, result)
@@ -65,6 +67,8 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
         else:
             metadata |= {"table": dg.MetadataValue.md(metrics_table(result)),
                          "validation_reward": dg.MetadataValue.md(reward_table(result))}
+            if paired := paired_table(result):
+                metadata["paired_differences"] = dg.MetadataValue.md(paired)
             if headroom := headroom_table(result):
                 metadata["headroom"] = dg.MetadataValue.md(headroom)
         return production.output(production.record(FileRecord), metadata)

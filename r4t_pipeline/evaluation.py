@@ -212,21 +212,22 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
 
         judge = LLMJudge(cfg.llm_judge_url, cfg.llm_judge_model, cfg.llm_judge_api_key_env, seed=cfg.seed)
 
-    def scores(retriever: Retriever, judged: bool = True) -> tuple[dict[str, np.ndarray], float]:
+    def evaluate(retriever: Retriever, judged: bool = True
+                 ) -> tuple[dict[str, tuple[float, float]], dict[str, np.ndarray]]:
+        """The summary (mean and s.e. of each score, and the fan-out seconds per query) and the per-query scores."""
         if regime == "wscr":
-            return wscr_scores(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs, cfg.seed)
-        return oar_scores(retriever, queries, k + retriever.keep_query, cfg.seed, judge if judged else None, label)
-
-    def evaluate(retriever: Retriever, judged: bool = True) -> dict[str, tuple[float, float]]:
-        per_query, seconds = scores(retriever, judged)
-        return {**summarize(per_query), "fanout_seconds_per_query": (seconds, 0.0)}
+            scores, seconds = wscr_scores(retriever, queries, test["reference_ids"].to_list(), pools, cfg.runs,
+                                          cfg.seed)
+        else:
+            scores, seconds = oar_scores(retriever, queries, k + retriever.keep_query, cfg.seed,
+                                         judge if judged else None, label)
+        return {**summarize(scores), "fanout_seconds_per_query": (seconds, 0.0)}, scores
 
     metrics, per_query, examples, rewards = {}, {}, {}, {}
     for method in methods or stack.METHODS:
         retriever = stack.build_retriever(settings, regime, method, artefacts)
         rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
-        per_query[method], seconds = scores(retriever)
-        metrics[method] = {**summarize(per_query[method]), "fanout_seconds_per_query": (seconds, 0.0)}
+        metrics[method], per_query[method] = evaluate(retriever)
         if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
             batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
             examples[method] = [{"query": f.query, "directions": [
@@ -235,7 +236,7 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
     for method in cfg.keep_query_methods:  # the query as one more direction (RAG-Fusion keeps it)
         if method in metrics:
             metrics[f"{method}{KEPT_QUERY}"] = evaluate(  # the proxies; judge calls cost
-                stack.build_retriever(settings, regime, method, artefacts, keep_query=True), judged=False)
+                stack.build_retriever(settings, regime, method, artefacts, keep_query=True), judged=False)[0]
     sweep = []
     if "r4t_diffusion" in metrics:  # quality against sampling cost: what fewer network calls give up
         for setting in cfg.sampler_sweep:
@@ -244,7 +245,7 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
             timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
                                   cfg.latency_budget_seconds)["8"]
             sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
-                          "metrics": evaluate(retriever, judged=False),  # the proxies; judge calls cost
+                          "metrics": evaluate(retriever, judged=False)[0],  # the proxies; judge calls cost
                           "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))})
     headroom = {}
     if regime == "wscr":  # what naming the right item types would reach, beside what the methods reach

@@ -228,6 +228,18 @@ def build_wscr_queries(catalog: Catalog, facets: Facets, seed: int, max_pairs: i
         *schema, "split")
 
 
+def written_first(pairs: pl.DataFrame) -> pl.DataFrame:
+    """WSCR pairs whose query a person or an LLM wrote (EVALUATION_SOURCES, the kind validation and test hold) when
+    there are any, else all of them. What a FOLM learns from (warm start, RL, synthetic targets) should look like
+    what it is tested on: a keyword summary's words come from its reference items, so its coverage rewards echoing
+    the query's words, which set titles do not. Demo Polyvore, 40 GRPO steps, three seeds: tuned on all 3,724
+    training pairs (74% keyword summaries) the FOLM's reward on validation titles fell from the zero-shot's 0.298 to
+    0.23-0.26, tuned on the 953 titles to 0.27-0.31; test recall@3.5% over the zero-shot's +0.2 against +0.6 on
+    average (200 steps: +0.4 against +1.2), each within about two paired standard errors."""
+    written = pairs.filter(pl.col("source").is_in(EVALUATION_SOURCES))
+    return written if written.height else pairs
+
+
 def split_counts(frame: pl.DataFrame) -> dict[str, int]:
     counts = dict(frame["split"].value_counts().iter_rows())
     return {s: int(counts.get(s, 0)) for s in SPLITS}

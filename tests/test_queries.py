@@ -1,11 +1,14 @@
+import os
 from collections import Counter
 
 import polars as pl
 import pytest
 
 from r4t_pipeline import queries as q
+from r4t_pipeline import stack
 from r4t_pipeline.catalog import Catalog
 from r4t_pipeline.paths import assets_dir
+from r4t_pipeline.settings import load_settings
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,10 @@ def test_wscr_evaluates_on_human_written_titles_only(polyvore_catalog, facets):
     # keyword summaries are made of the reference items' own words; real titles mostly are not
     leakage = q.leakage_summary(wscr)
     assert leakage["train"]["keywords"] > 0.9 and leakage["test"]["title"] < 0.4
+    # what the FOLM learns from looks like what it is tested on: the written training pairs only
+    train = wscr.filter(pl.col("split") == "train")
+    written = q.written_first(train)
+    assert set(written["source"].to_list()) == {"title"} and 0 < written.height < train.height
 
 
 def test_leakage_counts_query_words_found_in_the_reference(facets):
@@ -72,6 +79,7 @@ def test_a_catalog_without_titles_or_facet_file_still_gets_a_corpus(polyvore_cat
     assert oar.height > 100 and set(q.source_counts(oar)["test"]) == {"template"}
     wscr = q.build_wscr_queries(untitled, facets, seed=0)
     assert wscr.height == 300 and set(wscr["split"].to_list()) == {"train"}  # nothing human-written to test on
+    assert q.written_first(wscr).height == 300  # nor to learn from: the keyword summaries are all there is
 
 
 def test_corpus_round_trip(tmp_path, polyvore_catalog, facets):
@@ -82,3 +90,10 @@ def test_corpus_round_trip(tmp_path, polyvore_catalog, facets):
     assert set(test["split"].to_list()) == {"test"} and isinstance(test["reference_ids"][0].to_list(), list)
     with pytest.raises(FileNotFoundError, match="materialise the broad_queries asset"):
         q.load_corpus(tmp_path / "nothing", "oar")
+    # RL rows: WSCR's written training pairs with their references; OAR's every training query
+    settings = load_settings("demo", config_path=os.devnull)
+    rows = stack.folm_train_rows(settings, tmp_path / "c", "wscr")
+    titled = q.load_corpus(tmp_path / "c", "wscr", "train").filter(pl.col("source") == "title")
+    assert [r["query"] for r in rows] == titled["query"].to_list() and all(r["reference_ids"] for r in rows)
+    assert len(stack.folm_train_rows(settings, tmp_path / "c", "oar")) == q.load_corpus(tmp_path / "c", "oar",
+                                                                                         "train").height

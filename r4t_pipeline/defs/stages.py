@@ -4,7 +4,6 @@ after an interruption and tracks its run in MLflow; a failed run leaves every ea
 
 
 import dagster as dg
-import polars as pl
 
 from r4t_pipeline import queries as q
 from r4t_pipeline import stack
@@ -49,8 +48,7 @@ def folm_base_asset(settings: Settings, name: str):
         name_and_type = dict(zip(items["item_id"], zip(items["name"], items["category"])))
         pairs = q.load_corpus(broad_queries.path, "wscr", "train")
         if cfg.base == "pretrained":  # it knows language already: teach it the intents people write, not keywords
-            written = pairs.filter(pl.col("source").is_in(q.EVALUATION_SOURCES))
-            pairs = written if written.height else pairs
+            pairs = q.written_first(pairs)
             spec, shape = cfg.base_model, {"lora_rank": cfg.sft_lora_rank}
         else:
             spec, shape = "bootstrap", cfg.bootstrap_size.model_dump()
@@ -77,13 +75,15 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
     prefix = [name, regime]
     group = f"{name}_{regime}"
     reward = stack.reward_config(settings, regime)
+    # which training queries RL and synthesis read (see `queries.written_first`): a change re-runs both
+    training_queries = (q.written_first.__name__, q.EVALUATION_SOURCES) if regime == "wscr" else "all"
 
     @dg.asset(key=[*prefix, "folm_checkpoint"], group_name=group, kinds={"pytorch", "safetensors"},
               ins={"folm_base": dg.AssetIn(key=[name, "folm_base"]),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
                    "embedding_index": dg.AssetIn(key=[name, "embedding_index"])},
               code_version=code_version(settings.folm.version(), reward.model_dump(),
-                                        stack.reward_files_hash(settings, regime)),
+                                        stack.reward_files_hash(settings, regime), training_queries),
               description=f"Stage 1: the FOLM tuned by GRPO + soft-PPO on the {regime.upper()} reward.")
     @retry_transient
     def folm_checkpoint(context: dg.AssetExecutionContext, mlflow: MlflowTracking, folm_base: ModelRecord,
@@ -107,7 +107,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
               ins={"folm": dg.AssetIn(key=folm_checkpoint.key),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
                    "embedding_index": dg.AssetIn(key=[name, "embedding_index"])},
-              code_version=code_version(settings.synth.model_dump()),
+              code_version=code_version(settings.synth.model_dump(), training_queries),
               description="Stage 2: the tuned FOLM's best fan-outs per training query as K x d targets (Parquet).")
     @retry_transient
     def synthetic_targets(context: dg.AssetExecutionContext, mlflow: MlflowTracking, folm: ModelRecord,
@@ -119,6 +119,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
         if reused := production.reuse():
             return reused
         train = q.load_corpus(broad_queries.path, regime, "train")
+        train = q.written_first(train) if regime == "wscr" else train
         model, tokenizer = stack.load_folm(folm.model)
         scorer = stack.fanout_scorer(settings, regime, embedding_index.for_regime(regime))
         with mlflow.run(f"{name}/{regime}/synthetic_targets", params=settings.synth.model_dump()) as run:

@@ -154,8 +154,7 @@ def oar_scores(retriever: Retriever, queries: list[str], k: int, seed: int = 0, 
     return scores, batch.fanout_seconds / len(queries)
 
 
-def paired_differences(per_query: dict[str, dict[str, np.ndarray]], metrics: Sequence[str]
-                       ) -> list[dict]:
+def paired_differences(per_query: dict[str, dict[str, np.ndarray]], metrics: Sequence[str]) -> list[dict]:
     """Each of `COMPARISONS` whose two methods were evaluated: per metric, the mean over queries of the first
     method's score minus the second's, with the bootstrap standard error of that mean."""
     return [{"method": method, "against": against,

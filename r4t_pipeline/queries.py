@@ -240,6 +240,12 @@ def written_first(pairs: pl.DataFrame) -> pl.DataFrame:
     return written if written.height else pairs
 
 
+def learning_queries(path: Path, regime: str) -> pl.DataFrame:
+    """The training split that RL and synthesis learn from: every OAR query; WSCR's `written_first` pairs."""
+    train = load_corpus(path, regime, "train")
+    return written_first(train) if regime == "wscr" else train
+
+
 def split_counts(frame: pl.DataFrame) -> dict[str, int]:
     counts = dict(frame["split"].value_counts().iter_rows())
     return {s: int(counts.get(s, 0)) for s in SPLITS}

@@ -73,11 +73,10 @@ def reward_files_hash(settings: Settings, regime: str) -> str:
 
 def folm_train_rows(settings: Settings, corpus_path: str | Path, regime: str) -> list[dict]:
     """The FOLM's RL training rows: "query", plus "reference_ids" for the WSCR reward (at most
-    `folm.max_train_queries`, a seeded sample; WSCR: the written queries first, see `queries.written_first`)."""
-    from r4t_pipeline.queries import load_corpus, written_first
+    `folm.max_train_queries`, a seeded sample of `queries.learning_queries`)."""
+    from r4t_pipeline.queries import learning_queries
 
-    train = load_corpus(corpus_path, regime, "train")
-    train = written_first(train) if regime == "wscr" else train
+    train = learning_queries(corpus_path, regime)
     if settings.folm.max_train_queries and train.height > settings.folm.max_train_queries:
         train = train.sample(n=settings.folm.max_train_queries, seed=0)
     return train.select(["query"] if regime == "oar" else ["query", "reference_ids"]).to_dicts()

@@ -75,7 +75,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
     prefix = [name, regime]
     group = f"{name}_{regime}"
     reward = stack.reward_config(settings, regime)
-    # which training queries RL and synthesis read (see `queries.written_first`): a change re-runs both
+    # which training queries RL and synthesis read (`queries.learning_queries`): a change re-runs both
     training_queries = (q.written_first.__name__, q.EVALUATION_SOURCES) if regime == "wscr" else "all"
 
     @dg.asset(key=[*prefix, "folm_checkpoint"], group_name=group, kinds={"pytorch", "safetensors"},
@@ -118,8 +118,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
                                                     "embedding_index": embedding_index})
         if reused := production.reuse():
             return reused
-        train = q.load_corpus(broad_queries.path, regime, "train")
-        train = q.written_first(train) if regime == "wscr" else train
+        train = q.learning_queries(broad_queries.path, regime)
         model, tokenizer = stack.load_folm(folm.model)
         scorer = stack.fanout_scorer(settings, regime, embedding_index.for_regime(regime))
         with mlflow.run(f"{name}/{regime}/synthetic_targets", params=settings.synth.model_dump()) as run:

@@ -240,10 +240,16 @@ def written_first(pairs: pl.DataFrame) -> pl.DataFrame:
     return written if written.height else pairs
 
 
+def learning_rule(regime: str) -> tuple[str, tuple[str, ...]] | str:
+    """Which training queries `learning_queries` keeps for `regime`, as a value: the assets that read them put it in
+    their code_version, so changing the rule re-runs them."""
+    return (written_first.__name__, EVALUATION_SOURCES) if regime == "wscr" else "all"
+
+
 def learning_queries(path: Path, regime: str) -> pl.DataFrame:
     """The training split that RL and synthesis learn from: every OAR query; WSCR's `written_first` pairs."""
     train = load_corpus(path, regime, "train")
-    return written_first(train) if regime == "wscr" else train
+    return train if learning_rule(regime) == "all" else written_first(train)
 
 
 def split_counts(frame: pl.DataFrame) -> dict[str, int]:

@@ -75,8 +75,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
     prefix = [name, regime]
     group = f"{name}_{regime}"
     reward = stack.reward_config(settings, regime)
-    # which training queries RL and synthesis read (`queries.learning_queries`): a change re-runs both
-    training_queries = (q.written_first.__name__, q.EVALUATION_SOURCES) if regime == "wscr" else "all"
+    training_queries = q.learning_rule(regime)  # which training queries RL and synthesis read
 
     @dg.asset(key=[*prefix, "folm_checkpoint"], group_name=group, kinds={"pytorch", "safetensors"},
               ins={"folm_base": dg.AssetIn(key=[name, "folm_base"]),

@@ -3,9 +3,13 @@ Dagster resource opened (in its process) or named in the environment (in process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -30,15 +34,54 @@ class MlflowRun:
         """What a launched process needs to log into this run (see `from_env`)."""
         return {RUN_ID_ENV: self.run_id, TRACKING_URI_ENV: self.client.tracking_uri}
 
+    @classmethod
+    def start(cls, client, experiment_id: str, name: str, params: dict, tags: dict) -> MlflowRun:
+        """A new RUNNING run with its parameters (each value cut to MLflow's 500 characters)."""
+        from mlflow.entities import Param
+
+        with interrupts_deferred():
+            run = client.create_run(experiment_id, run_name=name, tags=tags)
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        return cls(client, run.info.run_id)
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED."""
+        with interrupts_deferred():
+            self.client.set_terminated(self.run_id, status)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step)
-                                                    for k, v in metrics.items()])
+        with interrupts_deferred():
+            self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step)
+                                                        for k, v in metrics.items()])
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        with interrupts_deferred():
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect as it ends. For MLflow writes: an interrupt in
+    the middle of one leaks its database connection with a SQLite store locked, so marking the run KILLED then
+    fails ("database is locked") and the run says RUNNING. Python runs signal handlers in the main thread only,
+    so elsewhere there is nothing to defer; nor where a handler was installed outside Python."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    arrived: list[int] = []
+    for signum in previous:
+        signal.signal(signum, lambda received, _frame: arrived.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)  # now, through the handler that was in place
 
 
 def metric_name(name: str) -> str:

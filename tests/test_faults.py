@@ -5,10 +5,12 @@ The runs go through the real `dagster asset materialize` command with a DAGSTER_
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,6 +144,21 @@ def test_sigterm_stops_training_promptly_and_the_next_run_resumes(tmp_path, stag
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     event = instance.get_latest_materialization_event(dg.AssetKey(asset.split("/")))
     assert went_on(event.asset_materialization.metadata, steps)  # it went on from a checkpoint
+
+
+def test_an_interrupt_in_the_middle_of_mlflow_logging_still_ends_the_run_killed(tmp_path):
+    """Without deferring it, an interrupt inside a write leaves the SQLite store locked: the run stays RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from r4t_pipeline.defs.resources import MlflowTracking
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="faults")
+    for delay in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):  # a training loop that logs as fast as the store takes it
+        with pytest.raises(KeyboardInterrupt), tracking.run("train") as run:
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+            for step in itertools.count():
+                run.log(step, {f"metric_{i}": float(step) for i in range(8)})
+        assert MlflowClient(tracking.tracking_uri).get_run(run.run_id).info.status == "KILLED"
 
 
 def _parents(root: Path, asset: str) -> list[str]:

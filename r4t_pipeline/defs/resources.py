@@ -27,7 +27,6 @@ class MlflowTracking(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def run(self, name: str, params: dict | None = None, tags: dict | None = None) -> Iterator[MlflowRun]:
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         with self._first_use():
@@ -37,17 +36,16 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.create_experiment(self.experiment, artifact_location=self.artifact_location)
         self.reap()
         owner = {"r4t/host": socket.gethostname(), "r4t/pid": str(os.getpid())}  # lets a later run reap it
-        run = client.create_run(experiment_id, run_name=name, tags={**owner, **(tags or {})})
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in (params or {}).items()])
+        run = MlflowRun.start(client, experiment_id, name, params or {}, {**owner, **(tags or {})})
         try:
-            yield MlflowRun(client, run.info.run_id)
+            yield run
         except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
-            client.set_terminated(run.info.run_id, "KILLED")
+            run.end("KILLED")
             raise
         except BaseException:
-            client.set_terminated(run.info.run_id, "FAILED")
+            run.end("FAILED")
             raise
-        client.set_terminated(run.info.run_id, "FINISHED")
+        run.end("FINISHED")
 
     @contextlib.contextmanager
     def _first_use(self) -> Iterator[None]:
@@ -78,7 +76,7 @@ class MlflowTracking(dg.ConfigurableResource):
                                      f"attributes.status = 'RUNNING' and tags.`r4t/host` = '{host}'")
         reaped = [r.info.run_id for r in running if not process_alive(int(r.data.tags.get("r4t/pid", 0)))]
         for run_id in reaped:
-            client.set_terminated(run_id, "KILLED")
+            MlflowRun(client, run_id).end("KILLED")
         return reaped
 
 

@@ -153,12 +153,18 @@ def test_an_interrupt_in_the_middle_of_mlflow_logging_still_ends_the_run_killed(
     from r4t_pipeline.defs.resources import MlflowTracking
 
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="faults")
-    for delay in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):  # a training loop that logs as fast as the store takes it
-        with pytest.raises(KeyboardInterrupt), tracking.run("train") as run:
-            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
-            for step in itertools.count():
-                run.log(step, {f"metric_{i}": float(step) for i in range(8)})
-        assert MlflowClient(tracking.tracking_uri).get_run(run.run_id).info.status == "KILLED"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier test's Dagster may have swapped it
+    try:
+        for delay in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3):  # a training loop that logs as fast as the store takes it
+            with pytest.raises(KeyboardInterrupt), tracking.run("train") as run:
+                threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+                deadline = time.time() + 30
+                for step in itertools.count():
+                    assert time.time() < deadline, "the interrupt never arrived"
+                    run.log(step, {f"metric_{i}": float(step) for i in range(8)})
+            assert MlflowClient(tracking.tracking_uri).get_run(run.run_id).info.status == "KILLED"
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _parents(root: Path, asset: str) -> list[str]:

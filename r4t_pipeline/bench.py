@@ -24,11 +24,13 @@ def machine() -> dict:
 
 def time_batches(retriever: Retriever, queries: list[str], batch_sizes: list[int], repeats: int, pool_size: int,
                  budget_seconds: float) -> dict[str, dict]:
-    """{batch size: {median_seconds, runs, fanout_median_seconds, ms_per_query}} or {skipped: reason}."""
+    """{batch size: {median_seconds, runs, fanout_median_seconds, search_median_seconds, ms_per_query}} or
+    {skipped: reason}."""
     retriever.retrieve(queries[:min(8, len(queries))], pool_size, seed=0)  # warm-up: lazy init, caches, kernels
 
     def run(batch: list[str], repeat: int) -> dict[str, float]:
-        return {"fanout_median_seconds": retriever.retrieve(batch, pool_size, seed=repeat).fanout_seconds}
+        retrieved = retriever.retrieve(batch, pool_size, seed=repeat)
+        return {"fanout_median_seconds": retrieved.fanout_seconds, "search_median_seconds": retrieved.search_seconds}
 
     return time_by_batch_size(lambda size: [queries[i % len(queries)] for i in range(size)], run, batch_sizes,
                               repeats, budget_seconds, "query")

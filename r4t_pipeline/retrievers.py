@@ -2,7 +2,8 @@
 directions (and sub-queries, for text fan-outs), the candidates of each direction, and the merged set.
 
 `pool_size` is the candidate budget per query, split evenly over a method's directions (OAR: K, one
-item per direction; WSCR: K x m, e.g. 10 x 500 = 5,000), so every method gets the same pool.
+item per direction; WSCR: K x m, e.g. 10 x 500 = 5,000), and no item is given to two directions, so every method
+gets a pool of the same number of distinct items (see `distinct_columns`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class Fanout:
     candidate_ids: list[list[str]]
     candidate_scores: list[np.ndarray]
     subqueries: list[str] | None = None
+
+    def within(self, pool_size: int) -> Fanout:
+        """The same fan-out at a smaller pool: each direction keeps its first ceil(pool / n) candidates, which is
+        what retrieving that pool directly gives (`distinct_columns` fills the pool in rounds)."""
+        m = max(1, -(-pool_size // len(self.directions)))
+        return Fanout(self.query, self.directions, [ids[:m] for ids in self.candidate_ids],
+                      [s[:m] for s in self.candidate_scores], self.subqueries)
 
     @property
     def merged(self) -> list[str]:
@@ -79,17 +87,42 @@ class Retriever(ABC):
             subqueries = None if subqueries is None else [[q, *s] for q, s in zip(queries, subqueries)]
         fanned = time.perf_counter()
         per_direction = [max(1, -(-pool_size // len(d))) for d in directions]  # ceil
-        rows = np.concatenate(directions)
-        scores, positions = self.index.search(rows, max(per_direction))
-        searched = time.perf_counter()
+        # twice a direction's share is deep enough to skip what the others took, unless they overlap most of it
+        scores, positions = self.index.search(np.concatenate(directions), 2 * max(per_direction))
         fanouts, row = [], 0
         for i, (query, dirs) in enumerate(zip(queries, directions)):
-            block = slice(row, row + len(dirs))
+            m, top = per_direction[i], slice(row, row + len(dirs))
             row += len(dirs)
-            m = per_direction[i]
-            fanouts.append(Fanout(query, dirs, [list(self.index.ids[p[:m]]) for p in positions[block]],
-                                  list(scores[block, :m]), None if subqueries is None else subqueries[i]))
+            found, ranked = scores[top], positions[top]
+            columns = distinct_columns(ranked, m)
+            if min(map(len, columns)) < m and ranked.shape[1] < min(m * len(dirs), len(self.index)):
+                found, ranked = self.index.search(dirs, m * len(dirs))  # deep enough for any overlap
+                columns = distinct_columns(ranked, m)
+            fanouts.append(Fanout(query, dirs, [list(self.index.ids[r[c]]) for r, c in zip(ranked, columns)],
+                                  [f[c] for f, c in zip(found, columns)],
+                                  None if subqueries is None else subqueries[i]))
+        searched = time.perf_counter()
         return RetrievalBatch(fanouts, fanned - started, searched - fanned)
+
+
+def distinct_columns(positions: np.ndarray, m: int) -> list[list[int]]:
+    """Per direction, the columns of its m candidates in `positions` (n directions x ranked depth): in m rounds,
+    each direction in turn takes its best item that no earlier turn took. Directions that overlap would otherwise
+    spend the pool on duplicates (a fifth of it for ten sub-queries of one set title); this way the pool holds n x m
+    distinct items, among them every direction's own top m, and its first r rounds are the pool of r per direction.
+    A direction whose ranked list runs out (a catalog smaller than the pool) gets fewer."""
+    ranked, depth = positions.tolist(), positions.shape[1]
+    taken, columns, following = set(), [[] for _ in ranked], [0] * len(ranked)
+    for _ in range(m):
+        for direction, items in enumerate(ranked):
+            column = following[direction]
+            while column < depth and items[column] in taken:
+                column += 1
+            if column < depth:
+                taken.add(items[column])
+                columns[direction].append(column)
+            following[direction] = column + 1
+    return columns
 
 
 class NoFanout(Retriever):

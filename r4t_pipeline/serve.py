@@ -266,7 +266,7 @@ class Service:
             fanouts = batch.fanouts[start:start + len(job.queries)]
             start += len(job.queries)
             if not job.future.done():
-                job.future.set_result(([_trim(f, job.pool) for f in fanouts], versions))
+                job.future.set_result(([f.within(job.pool) for f in fanouts], versions))
 
     # -- endpoints' work ----------------------------------------------------------------------------------------
 
@@ -374,14 +374,6 @@ class ObserveRequests:
             # the endpoint names the method it served in the request's state (`request.state.method`)
             self.metrics.latency.labels(endpoint, scope.get("state", {}).get("method", "")).observe(
                 time.perf_counter() - started)
-
-
-def _trim(fanout, pool: int):
-    """A fan-out cut to this request's own pool (the batch ran at the largest pool of its requests)."""
-    per_direction = max(1, -(-pool // len(fanout.candidate_ids)))
-    fanout.candidate_ids = [ids[:per_direction] for ids in fanout.candidate_ids]
-    fanout.candidate_scores = [scores[:per_direction] for scores in fanout.candidate_scores]
-    return fanout
 
 
 def _mtime(path: Path) -> float | None:

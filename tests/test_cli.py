@@ -74,6 +74,8 @@ def test_bench_writes_json_with_medians_and_ratios(smoke_config, tmp_path, capsy
     rows = report["results"]
     assert set(rows) == {"r4t_folm", "r4t_diffusion_sde256", "r4t_diffusion_heun4"}  # smoke: heun, 4 steps
     assert len(rows["r4t_folm"]["4"]["runs"]) == 2 and rows["r4t_diffusion_heun4"]["2"]["median_seconds"] > 0
+    heun = rows["r4t_diffusion_heun4"]["4"]  # the two parts of a batch's time, each a median over the repeats
+    assert 0 < heun["fanout_median_seconds"] and 0 < heun["search_median_seconds"] < heun["median_seconds"]
     assert set(report["folm_over_diffusion"]["r4t_diffusion_sde256"]) == {"2", "4"}
     assert report["machine"]["device"] == "cpu" and "| r4t_folm |" in capsys.readouterr().out
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from r4t_pipeline import stack
+from r4t_pipeline.retrievers import distinct_columns
 
 
 def _retriever(smoke, regime: str, method: str):
@@ -32,6 +33,27 @@ def test_every_method_returns_directions_candidates_and_a_merged_set(smoke, meth
         assert all(len(f.directions) == 1 for f in batch.fanouts)
 
 
+def test_the_pool_is_filled_with_distinct_items_in_rounds():
+    # three directions over items 0-5; 0 and 1 lead two lists each
+    ranked = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 3, 2, 5, 4], [4, 0, 1, 5, 2, 3]])
+    columns = distinct_columns(ranked, 2)
+    picked = [row[c].tolist() for row, c in zip(ranked, columns)]
+    assert picked == [[0, 2], [1, 3], [4, 5]]  # round 1: 0, then 1 (0 is taken), 4; round 2: 2, 3, then 5
+    assert [row[c[:1]].tolist() for row, c in zip(ranked, columns)] == [[0], [1], [4]]  # one round = pool of 3
+    assert [len(c) for c in distinct_columns(ranked[:, :3], 2)] == [2, 2, 1]  # a list runs out: fewer, no repeats
+
+
+def test_a_fanout_of_overlapping_directions_gets_the_whole_pool(smoke):
+    retriever = _retriever(smoke, "wscr", "no_fanout")
+    thrice = np.repeat(retriever.space.encode_queries(["bohemian festival style"]), 3, axis=0)
+    retriever.directions = lambda queries, seed, reference_ids=None: ([thrice], None)  # three identical directions
+    fanout = retriever.retrieve(["bohemian festival style"], pool_size=30).fanouts[0]
+    alone = _retriever(smoke, "wscr", "no_fanout").retrieve(["bohemian festival style"], pool_size=30).fanouts[0]
+    # in turns down one ranked list, to its 30th item: past twice a direction's share, the first search's depth
+    assert len(fanout.merged) == 30 and set(fanout.merged) == set(alone.merged)
+    assert [fanout.candidate_ids[j] for j in range(3)] == [alone.merged[j::3] for j in range(3)]
+
+
 def test_same_seed_same_diffusion_fanout(smoke):
     retriever = _retriever(smoke, "oar", "r4t_diffusion")
     a = retriever.retrieve(["summer vacation vibes"], 10, seed=3).fanouts[0]
@@ -55,7 +77,8 @@ def test_the_query_keeps_a_seat_as_the_first_direction(smoke, method):
         np.testing.assert_allclose(b.directions[0], vector, atol=1e-6)
         np.testing.assert_array_equal(b.directions[1:], a.directions)  # same seed, same fan-out
         alone = query_only.retrieve([query], pool_size=len(b.candidate_ids[0])).fanouts[0]
-        assert b.candidate_ids[0] == alone.candidate_ids[0]  # the query's own seat retrieves what it alone would
+        # the query's seat picks first, and what it alone would retrieve is in the pool (taken by it or another)
+        assert b.candidate_ids[0][0] == alone.candidate_ids[0][0] and set(alone.merged) <= set(b.merged)
         assert (b.subqueries is None) == (method == "r4t_diffusion")
         if b.subqueries is not None:
             assert b.subqueries == [query, *a.subqueries]

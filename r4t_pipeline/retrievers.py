@@ -49,7 +49,7 @@ class Fanout:
 class RetrievalBatch:
     fanouts: list[Fanout]
     fanout_seconds: float       # generating the directions (the cost R4T compiles away)
-    search_seconds: float       # nearest-neighbour search of all directions
+    search_seconds: float       # nearest-neighbour search of all directions, and filling the pool from it
     extras: dict = field(default_factory=dict)
 
 

@@ -33,7 +33,7 @@ class Fanout:
     def within(self, pool_size: int) -> Fanout:
         """The same fan-out at a smaller pool: each direction keeps its first ceil(pool / n) candidates, which is
         what retrieving that pool directly gives (`distinct_columns` fills the pool in rounds)."""
-        m = max(1, -(-pool_size // len(self.directions)))
+        m = share(pool_size, len(self.directions))
         return Fanout(self.query, self.directions, [ids[:m] for ids in self.candidate_ids],
                       [s[:m] for s in self.candidate_scores], self.subqueries)
 
@@ -86,9 +86,11 @@ class Retriever(ABC):
             directions = [np.vstack([own[i:i + 1], d]) for i, d in enumerate(directions)]
             subqueries = None if subqueries is None else [[q, *s] for q, s in zip(queries, subqueries)]
         fanned = time.perf_counter()
-        per_direction = [max(1, -(-pool_size // len(d))) for d in directions]  # ceil
-        # twice a direction's share is deep enough to skip what the others took, unless they overlap most of it
-        scores, positions = self.index.search(np.concatenate(directions), 2 * max(per_direction))
+        per_direction = [share(pool_size, len(d)) for d in directions]
+        # twice a direction's share is deep enough to skip what the others took, unless they overlap most of it;
+        # a lone direction (the plain query) has nothing to skip
+        depth = max(m * min(len(d), 2) for m, d in zip(per_direction, directions))
+        scores, positions = self.index.search(np.concatenate(directions), depth)
         fanouts, row = [], 0
         for i, (query, dirs) in enumerate(zip(queries, directions)):
             m, top = per_direction[i], slice(row, row + len(dirs))
@@ -103,6 +105,11 @@ class Retriever(ABC):
                                   None if subqueries is None else subqueries[i]))
         searched = time.perf_counter()
         return RetrievalBatch(fanouts, fanned - started, searched - fanned)
+
+
+def share(pool_size: int, directions: int) -> int:
+    """Each direction's part of the pool: ceil(pool / n), at least one."""
+    return max(1, -(-pool_size // directions))
 
 
 def distinct_columns(positions: np.ndarray, m: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,9 @@ import numpy as np
 from r4t_pipeline.config import DiffusionTrainConfig, FolmTrainConfig
 from r4t_pipeline.diffusion.denoiser import DenoiserConfig
 from r4t_pipeline.io import atomic_dir
-from r4t_pipeline.tracking import MlflowRun
+from r4t_pipeline.tracking import LogFn, MlflowRun
 
 INPUTS, RUN = "inputs.npz", "run.json"
-LogFn = Callable[[int, dict[str, float]], None]
 
 
 def command(stage: str, run_dir: Path, processes: int) -> list[str]:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,7 @@ from r4t_pipeline.config import SynthConfig
 from r4t_pipeline.fanout import parse_fanout
 from r4t_pipeline.io import atomic_file, stable_hash
 from r4t_pipeline.rewards import FanoutScorer
-
-LogFn = Callable[[int, dict[str, float]], None]
+from r4t_pipeline.tracking import LogFn
 
 
 def cycle_rows(vectors: np.ndarray, k: int) -> np.ndarray:

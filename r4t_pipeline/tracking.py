@@ -9,8 +9,9 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+LogFn = Callable[[int, dict[str, float]], None]  # log_fn(step, metrics): the one callback every long loop logs to
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 

@@ -55,8 +55,14 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
             return reused
         artefacts = artefacts_of(regime, inputs)
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
-            result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts)
-            rows = (result["metrics"] | {f"headroom_{bound}": v for bound, v in result.get("headroom", {}).items()}
+            def log_row(step: int, means: dict[str, float]) -> None:  # each row as it is done: MLflow and the run log
+                run.log(step, means)
+                row = next(iter(means)).split("/")[0]  # keys are "<row>/<metric>"
+                context.log.info(f"{name}/{regime} evaluation: {row} done ({step} rows so far)")
+
+            result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts,
+                                    log_fn=log_row)
+            rows = ({f"headroom_{bound}": v for bound, v in result.get("headroom", {}).items()}
                     | {f"{p['method']}-{p['against']}": p["difference"] for p in result.get("paired", [])})
             run.log(0, {f"{row}/{metric}": value[0] for row, values in rows.items()
                         for metric, value in values.items()})

@@ -40,12 +40,12 @@ from r4t_pipeline.diffusion.edm import (
     sde_sample,
 )
 from r4t_pipeline.io import atomic_dir, atomic_file, stable_hash
+from r4t_pipeline.tracking import LogFn
 
 CHECKPOINT_FORMAT = "r4t-edm-set-diffusion/1"
 SAMPLERS = {"heun": heun_sample, "dpm2m": dpm2m_sample, "sde": sde_sample}
 # EDM's Heun default; DPM-Solver++(2M) matched Heun-18's quality at 8 (the demo report's sweep); the paper's SDE
 DEFAULT_SAMPLER_STEPS = {"heun": 18, "dpm2m": 8, "sde": 256}
-LogFn = Callable[[int, dict[str, float]], None]
 
 
 @dataclass

@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+from r4t_pipeline.tracking import LogFn
+
 
 class LogCallback(TrainerCallback):
     """Turns each training log into a row (`row(logs)`), keeps it in `rows` and hands it to `log_fn`, on the main
     process only. `steps_per_row` optimizer steps make one logged step (GRPO: its `num_iterations`)."""
 
-    def __init__(self, log_fn: Callable[[int, dict[str, float]], None] | None,
+    def __init__(self, log_fn: LogFn | None,
                  row: Callable[[dict[str, float]], dict[str, float]], steps_per_row: int = 1):
         self.log_fn, self.row, self.steps_per_row = log_fn, row, steps_per_row
         self.rows: list[dict[str, float]] = []

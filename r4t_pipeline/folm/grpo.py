@@ -32,11 +32,11 @@ from r4t_pipeline.fanout import build_messages, build_prompt_text
 from r4t_pipeline.folm.callbacks import LogCallback
 from r4t_pipeline.folm.models import add_lora, load_causal_lm
 from r4t_pipeline.io import atomic_dir, stable_hash, write_json
+from r4t_pipeline.tracking import LogFn
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[dict[str, float]]]
-LogFn = Callable[[int, dict[str, float]], None]
 META_FILE = "r4t_folm.json"
 RUN_FILE = "r4t_run.json"  # the run identity a checkpoint folder belongs to
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,6 +18,7 @@ from r4t_pipeline.fanout import build_messages, distinct_lines
 from r4t_pipeline.folm.callbacks import LogCallback
 from r4t_pipeline.folm.models import load_causal_lm
 from r4t_pipeline.io import atomic_dir
+from r4t_pipeline.tracking import LogFn
 
 
 def warm_start_lines(title: str, items: Sequence[tuple[str, str]], style: SftLines) -> list[str]:
@@ -38,7 +39,7 @@ def sft_warm_start(
     lr: float = 3e-3,
     batch_size: int = 16,
     seed: int = 0,
-    log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    log_fn: LogFn | None = None,
 ) -> list[float]:
     """Teach the fan-out format on TRL's SFTTrainer: (collection title -> its item names, one per line), the loss
     on the answer and its end-of-turn only, 10 warm-up steps then a linear decay. Returns the loss per step."""
@@ -76,7 +77,7 @@ def warm_start_pretrained(
     lora_rank: int = 16,
     batch_size: int = 8,
     seed: int = 0,
-    log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    log_fn: LogFn | None = None,
 ) -> list[float]:
     """`spec` (hub id or folder) fine-tuned on `pairs`, LoRA of `lora_rank` on every linear layer (0: all weights),
     saved atomically as a plain HF folder. Returns the SFT losses."""

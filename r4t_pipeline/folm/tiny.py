@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from r4t_pipeline.device import resolve_device
 from r4t_pipeline.fanout import build_messages
 from r4t_pipeline.folm.sft import sft_warm_start
 from r4t_pipeline.io import atomic_dir
+from r4t_pipeline.tracking import LogFn
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML, as SmolLM2 and Qwen use, so that tiny and pretrained models share one prompt path.
@@ -68,7 +69,7 @@ def bootstrap_folm(
     lr: float = 3e-3,
     batch_size: int = 16,
     seed: int = 0,
-    log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    log_fn: LogFn | None = None,
 ) -> list[float]:
     """Tokenizer + tiny Llama + SFT warm start on `pairs`, saved atomically as an HF folder. Returns SFT losses."""
     size = size or TinyLMSize()

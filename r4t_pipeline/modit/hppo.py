@@ -24,7 +24,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,7 @@ from r4t_pipeline.modit.data import encode_targets, seed_conditions, task_token
 from r4t_pipeline.modit.methods import Generator, interpolate, seed_centroids
 from r4t_pipeline.modit.retrieval import ItemSearcher, expansion_metrics
 from r4t_pipeline.modit.tasks import SeedSets, TaskData
-
-LogFn = Callable[[int, dict[str, float]], None]
+from r4t_pipeline.tracking import LogFn
 
 
 @dataclass

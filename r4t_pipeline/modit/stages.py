@@ -8,7 +8,6 @@ model against itself frozen. One model per protocol, shared by every task and ca
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +20,7 @@ from r4t_pipeline.modit.config import STAGES, ModitConfig, Stage
 from r4t_pipeline.modit.hppo import PreferenceData, task_preferences, train_hppo
 from r4t_pipeline.modit.retrieval import ItemSearcher
 from r4t_pipeline.modit.tasks import TaskData
-
-LogFn = Callable[[int, dict[str, float]], None]
+from r4t_pipeline.tracking import LogFn
 
 
 @dataclass

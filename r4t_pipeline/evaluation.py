@@ -226,11 +226,14 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
     progress = tqdm(total=len(methods) + len(kept) + len(sweep_settings), desc=f"evaluate {catalog.name} {regime}",
                     disable=None)
 
+    finished: list[str] = []  # not progress.n: a disabled bar (no terminal, as under Dagster) does not count
+
     def done(row: str, summary: dict[str, tuple[float, float]]) -> None:
+        finished.append(row)
         progress.set_postfix_str(row, refresh=False)
         progress.update()
         if log_fn:
-            log_fn(progress.n, {f"{row}/{metric}": value[0] for metric, value in summary.items()})
+            log_fn(len(finished), {f"{row}/{metric}": value[0] for metric, value in summary.items()})
 
     metrics, per_query, examples, rewards = {}, {}, {}, {}
     for method in methods:

@@ -164,7 +164,7 @@ CODE_VERSION_CASES = {
     "encoder dim": ({"encoder": {"dim": 64}}, {"polyvore/item_embeddings"}),
     "index kind": ({"index": {"kind": "hnsw"}}, {"polyvore/embedding_index"}),
     "query corpus": ({"queries": {"max_template_queries": 50}}, {"polyvore/broad_queries"}),
-    "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint"}),
+    "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets"}),
     "RL steps": ({"folm": {"train": {"steps": 3}}}, {"polyvore/oar/folm_checkpoint"}),
     "synthesis": ({"synth": {"samples_per_query": 3}}, {"polyvore/oar/synthetic_targets"}),
     "diffusion steps": ({"diffusion": {"train": {"steps": 3}}},
@@ -196,7 +196,8 @@ def test_a_config_change_moves_only_the_code_version_of_the_asset_it_configures(
 
 def test_a_reward_weight_change_marks_exactly_the_folm_and_its_downstream_stale(reward_change):
     assert reward_change["fresh_before"] == ({}, set())
-    assert reward_change["reported"] == {"polyvore/oar/folm_checkpoint": ["has a new code version"]}
+    assert reward_change["reported"] == {"polyvore/oar/folm_checkpoint": ["has a new code version"],
+                                         "polyvore/oar/synthetic_targets": ["has a new code version"]}
     assert reward_change["stale"] == set(TRAINING)  # not the catalog, the index, the corpus or the base FOLM
 
 

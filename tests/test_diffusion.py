@@ -32,13 +32,7 @@ from r4t_pipeline.diffusion import (
 DIM, ROWS, TARGETS, REPEATS = 8, 3, 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The models here are tiny; on a shared 2-core machine a second intra-op thread mostly adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def unit_vectors(*shape: int, seed: int) -> torch.Tensor:

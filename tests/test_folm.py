@@ -31,18 +31,7 @@ K = 5
 SIZE = TinyLMSize(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline_single_thread():
-    # One thread: the CI box has 2 shared cores, where extra BLAS threads mostly spin.
-    threads, offline = torch.get_num_threads(), os.environ.get("HF_HUB_OFFLINE")
-    torch.set_num_threads(1)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if offline is None:
-        os.environ.pop("HF_HUB_OFFLINE")
-    else:
-        os.environ["HF_HUB_OFFLINE"] = offline
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

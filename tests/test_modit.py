@@ -34,14 +34,7 @@ from r4t_pipeline.modit.hppo import PreferenceData, dpo_loss, preference_pairs, 
 from r4t_pipeline.modit.retrieval import ItemSearcher, expansion_metrics, oracle_joint
 from r4t_pipeline.modit.tasks import TEST, TRAIN, attribute_labels, build_task_data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread mostly adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---- metrics and search on hand-built cases ----------------------------------------------------------------

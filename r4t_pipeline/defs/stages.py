@@ -83,7 +83,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
               ins={"folm_base": dg.AssetIn(key=[name, "folm_base"]),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
                    "embedding_index": dg.AssetIn(key=[name, "embedding_index"])},
-              code_version=code_version(settings.folm.version(), reward_version, training_queries),
+              code_version=code_version(settings.folm.version(), *reward_version, training_queries),
               description=f"Stage 1: the FOLM tuned by GRPO + soft-PPO on the {regime.upper()} reward.")
     @retry_transient
     def folm_checkpoint(context: dg.AssetExecutionContext, mlflow: MlflowTracking, folm_base: ModelRecord,
@@ -107,7 +107,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
               ins={"folm": dg.AssetIn(key=folm_checkpoint.key),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
                    "embedding_index": dg.AssetIn(key=[name, "embedding_index"])},
-              code_version=code_version(settings.synth.model_dump(), reward_version, training_queries),
+              code_version=code_version(settings.synth.model_dump(), *reward_version, training_queries),
               description="Stage 2: the tuned FOLM's best fan-outs per training query as K x d targets (Parquet).")
     @retry_transient
     def synthetic_targets(context: dg.AssetExecutionContext, mlflow: MlflowTracking, folm: ModelRecord,

@@ -31,7 +31,7 @@ from r4t_pipeline.encoders import l2_normalize
 from r4t_pipeline.methods import KEPT_QUERY
 from r4t_pipeline.retrievers import RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
-from r4t_pipeline.tracking import LogFn
+from r4t_pipeline.tracking import NamedLogFn
 
 METRICS_FILE = "metrics.json"  # what `run_evaluation` returns, as the evaluation asset writes it
 RESULT_VERSION = 3  # of what `run_evaluation` returns: bump when a field is added or changes meaning
@@ -175,11 +175,12 @@ def _sample(frame, max_queries: int | None, seed: int):
 
 
 def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, artefacts,
-                   methods: tuple[str, ...] | None = None, n_examples: int = 3, log_fn: LogFn | None = None) -> dict:
+                   methods: tuple[str, ...] | None = None, n_examples: int = 3, log_fn: NamedLogFn | None = None
+                   ) -> dict:
     """All methods on the regime's test split (human- or LLM-written queries only, see `queries`): metrics per
     method, the training reward of each on the validation split, and a few qualitative examples.
     `artefacts`: the `stack.RetrieverArtefacts` the records on the evaluation's edges name. A progress bar counts
-    the evaluated rows (methods, kept-query variants, sampler settings), and `log_fn(row number, metrics)` gets
+    the evaluated rows (methods, kept-query variants, sampler settings), and `log_fn(row, row number, metrics)` gets
     each row's means as it is done (a `quality` evaluation takes about 40 minutes)."""
     from r4t_pipeline import stack
     from r4t_pipeline.catalog import Catalog
@@ -223,44 +224,42 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
     methods = tuple(methods or stack.METHODS)
     kept = [method for method in cfg.keep_query_methods if method in methods]
     sweep_settings = cfg.sampler_sweep if "r4t_diffusion" in methods else []
-    progress = tqdm(total=len(methods) + len(kept) + len(sweep_settings), desc=f"evaluate {catalog.name} {regime}",
-                    disable=None)
+    rows = len(methods) + len(kept) + len(sweep_settings)
+    with tqdm(total=rows, desc=f"evaluate {catalog.name} {regime}", disable=None) as progress:  # closed on errors too
+        finished: list[str] = []  # not progress.n: a disabled bar (no terminal, as under Dagster) does not count
 
-    finished: list[str] = []  # not progress.n: a disabled bar (no terminal, as under Dagster) does not count
+        def done(row: str, summary: dict[str, tuple[float, float]]) -> None:
+            finished.append(row)
+            progress.set_postfix_str(row, refresh=False)
+            progress.update()
+            if log_fn:
+                log_fn(row, len(finished), {metric: value[0] for metric, value in summary.items()})
 
-    def done(row: str, summary: dict[str, tuple[float, float]]) -> None:
-        finished.append(row)
-        progress.set_postfix_str(row, refresh=False)
-        progress.update()
-        if log_fn:
-            log_fn(len(finished), {f"{row}/{metric}": value[0] for metric, value in summary.items()})
-
-    metrics, per_query, examples, rewards = {}, {}, {}, {}
-    for method in methods:
-        retriever = stack.build_retriever(settings, regime, method, artefacts)
-        rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
-        metrics[method], per_query[method] = evaluate(retriever)
-        done(method, metrics[method])
-        if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
-            batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
-            examples[method] = [{"query": f.query, "directions": [
-                {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
-                for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
-    for method in kept:  # the query as one more direction (RAG-Fusion keeps it)
-        metrics[f"{method}{KEPT_QUERY}"] = evaluate(  # the proxies; judge calls cost
-            stack.build_retriever(settings, regime, method, artefacts, keep_query=True), judged=False)[0]
-        done(f"{method}{KEPT_QUERY}", metrics[f"{method}{KEPT_QUERY}"])
-    sweep = []
-    for setting in sweep_settings:  # quality against sampling cost: what fewer network calls give up
-        retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler=setting.sampler,
-                                          steps=setting.steps, cached=False)  # timed: queries encoded
-        timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
-                              cfg.latency_budget_seconds)["8"]
-        sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
-                      "metrics": evaluate(retriever, judged=False)[0],  # the proxies; judge calls cost
-                      "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))})
-        done(f"r4t_diffusion@{setting.sampler}-{setting.steps}", sweep[-1]["metrics"])
-    progress.close()
+        metrics, per_query, examples, rewards = {}, {}, {}, {}
+        for method in methods:
+            retriever = stack.build_retriever(settings, regime, method, artefacts)
+            rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
+            metrics[method], per_query[method] = evaluate(retriever)
+            done(method, metrics[method])
+            if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
+                batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
+                examples[method] = [{"query": f.query, "directions": [
+                    {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
+                    for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
+        for method in kept:  # the query as one more direction (RAG-Fusion keeps it)
+            metrics[f"{method}{KEPT_QUERY}"] = evaluate(  # the proxies; judge calls cost
+                stack.build_retriever(settings, regime, method, artefacts, keep_query=True), judged=False)[0]
+            done(f"{method}{KEPT_QUERY}", metrics[f"{method}{KEPT_QUERY}"])
+        sweep = []
+        for setting in sweep_settings:  # quality against sampling cost: what fewer network calls give up
+            retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler=setting.sampler,
+                                              steps=setting.steps, cached=False)  # timed: queries encoded
+            timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
+                                  cfg.latency_budget_seconds)["8"]
+            sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
+                          "metrics": evaluate(retriever, judged=False)[0],  # the proxies; judge calls cost
+                          "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))})
+            done(f"r4t_diffusion@{setting.sampler}-{setting.steps}", sweep[-1]["metrics"])
     headroom = {}
     if regime == "wscr":  # what naming the right item types would reach, beside what the methods reach
         categories = dict(zip(catalog.items["item_id"].to_list(), catalog.items["category"].to_list()))

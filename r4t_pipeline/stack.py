@@ -65,10 +65,12 @@ def reward_config(settings: Settings, regime: str) -> RewardConfig:
     return preset.model_copy(update={**settings.rewards.overrides.get(regime, {}), "k": settings.rewards.k})
 
 
-def reward_files_hash(settings: Settings, regime: str) -> str:
-    """Content of the preset file, so that editing it marks the FOLM stale like a config change does."""
+def reward_version(settings: Settings, regime: str) -> tuple[dict, str]:
+    """What the regime's reward is, for the code versions of the assets that read it: its configuration and the
+    content of its preset file, so that editing the file marks them stale like a config change does."""
     path = assets_dir() / "rewards" / f"{settings.rewards.presets[regime]}.yaml"
-    return file_sha256(path) if path.exists() else settings.rewards.presets[regime]
+    return (reward_config(settings, regime).model_dump(),
+            file_sha256(path) if path.exists() else settings.rewards.presets[regime])
 
 
 def folm_train_rows(settings: Settings, corpus_path: str | Path, regime: str) -> list[dict]:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 
 LogFn = Callable[[int, dict[str, float]], None]  # log_fn(step, metrics): the one callback every long loop logs to
+# log_fn(name, step, metrics), for work made of named parts: a MO-DiT stage ("item/tail"), an evaluated method
+NamedLogFn = Callable[[str, int, dict[str, float]], None]
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
@@ -37,13 +39,20 @@ class MlflowRun:
 
     @classmethod
     def start(cls, client, experiment_id: str, name: str, params: dict, tags: dict) -> MlflowRun:
-        """A new RUNNING run with its parameters (each value cut to MLflow's 500 characters)."""
+        """A new RUNNING run with its parameters (each value cut to MLflow's 500 characters). An interrupt that
+        arrives meanwhile takes effect once the run exists, and ends it KILLED: no caller holds it yet to say so."""
         from mlflow.entities import Param
 
-        with interrupts_deferred():
-            run = client.create_run(experiment_id, run_name=name, tags=tags)
-            client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
-        return cls(client, run.info.run_id)
+        created = None
+        try:
+            with interrupts_deferred():
+                created = cls(client, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
+                client.log_batch(created.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        except BaseException as err:
+            if created is not None:
+                created.end("FAILED" if isinstance(err, Exception) else "KILLED")
+            raise
+        return created
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED."""

@@ -167,6 +167,33 @@ def test_an_interrupt_in_the_middle_of_mlflow_logging_still_ends_the_run_killed(
         signal.signal(signal.SIGINT, previous)
 
 
+def test_an_interrupt_while_mlflow_creates_the_run_ends_it_killed(tmp_path, monkeypatch):
+    """The interrupt takes effect once the run exists, before any caller holds it: the run itself must end it."""
+    from mlflow.tracking import MlflowClient
+
+    from r4t_pipeline.defs.resources import MlflowTracking
+
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="faults")
+    create_run = MlflowClient.create_run
+
+    def interrupted_while_creating(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the run is being created: deferred to the block's end
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", interrupted_while_creating)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an earlier test's Dagster may have swapped it
+    try:
+        with pytest.raises(KeyboardInterrupt), tracking.run("train", params={"lr": 1e-4}):
+            pytest.fail("the interrupt took effect after the run was handed over")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    client = MlflowClient(tracking.tracking_uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == "faults"]
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def _parents(root: Path, asset: str) -> list[str]:
     from r4t_pipeline.defs import build_definitions
 

@@ -68,14 +68,14 @@ def test_oar_evaluation_adds_judge_scores_when_configured(endpoint, smoke):
     records, artefacts = latest_artefacts(settings, "polyvore", "oar", ["no_fanout", "r4t_diffusion"])
     logged = []
     result = run_evaluation(settings, "oar", records["catalog"].path, records["broad_queries"].path, artefacts,
-                            methods=("no_fanout", "r4t_diffusion"), log_fn=lambda step, row: logged.append((step, row)))
+                            methods=("no_fanout", "r4t_diffusion"),
+                            log_fn=lambda row, step, means: logged.append((row, step, means)))
     for method in ("no_fanout", "r4t_diffusion"):
         assert result["metrics"][method]["judge_groundedness"] == (80.0, 0.0)
     # each row reaches MLflow as it is done: the methods, the kept-query variant, then the sampler sweep
     sweep = [f"r4t_diffusion@{s.sampler}-{s.steps}" for s in settings.evaluation.sampler_sweep]
     rows = ["no_fanout", "r4t_diffusion", "r4t_diffusion+query", *sweep]
-    assert [step for step, _ in logged] == list(range(1, len(rows) + 1))
-    assert [{key.split("/")[0] for key in row} for _, row in logged] == [{name} for name in rows]
-    assert logged[1][1]["r4t_diffusion/average"] == result["metrics"]["r4t_diffusion"]["average"][0]
+    assert [(row, step) for row, step, _ in logged] == list(zip(rows, range(1, len(rows) + 1)))
+    assert logged[1][2]["average"] == result["metrics"]["r4t_diffusion"]["average"][0]
     assert len(seen) == 2 * result["queries"]  # one judge call per query and method
     assert "judge_diversity" in metrics_table(result).splitlines()[0]

@@ -164,7 +164,8 @@ CODE_VERSION_CASES = {
     "encoder dim": ({"encoder": {"dim": 64}}, {"polyvore/item_embeddings"}),
     "index kind": ({"index": {"kind": "hnsw"}}, {"polyvore/embedding_index"}),
     "query corpus": ({"queries": {"max_template_queries": 50}}, {"polyvore/broad_queries"}),
-    "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets"}),
+    "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets",
+                                      "polyvore/oar/evaluation"}),  # its validation reward and Best-of-N read it
     "RL steps": ({"folm": {"train": {"steps": 3}}}, {"polyvore/oar/folm_checkpoint"}),
     "synthesis": ({"synth": {"samples_per_query": 3}}, {"polyvore/oar/synthetic_targets"}),
     "diffusion steps": ({"diffusion": {"train": {"steps": 3}}},

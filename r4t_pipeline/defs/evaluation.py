@@ -26,7 +26,7 @@ from r4t_pipeline.report import (
     reward_table,
 )
 from r4t_pipeline.settings import Settings
-from r4t_pipeline.stack import artefacts_of
+from r4t_pipeline.stack import artefacts_of, reward_version
 
 LATENCY_FILE = "latency.json"
 
@@ -43,8 +43,10 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
 
     @dg.asset(key=[*prefix, "evaluation"], group_name="evaluation", kinds={"json"},
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
+              # the validation reward is the regime's; Best-of-N selects by the reference-free OAR reward
               code_version=code_version(settings.evaluation.version(), settings.diffusion.sampling(),
-                                        settings.folm.decoding(), settings.query_runtime, RESULT_VERSION),
+                                        settings.folm.decoding(), settings.query_runtime, RESULT_VERSION,
+                                        reward_version(settings, regime), reward_version(settings, "oar")),
               description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
                           f"supervised anchor) on the {name} {regime.upper()} test split.")
     @retry_transient
@@ -55,9 +57,8 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
             return reused
         artefacts = artefacts_of(regime, inputs)
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
-            def log_row(step: int, means: dict[str, float]) -> None:  # each row as it is done: MLflow and the run log
-                run.log(step, means)
-                row = next(iter(means)).split("/")[0]  # keys are "<row>/<metric>"
+            def log_row(row: str, step: int, means: dict[str, float]) -> None:  # as each is done: MLflow, run log
+                run.log(step, {f"{row}/{metric}": value for metric, value in means.items()})
                 context.log.info(f"{name}/{regime} evaluation: {row} done ({step} rows so far)")
 
             result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts,

@@ -76,7 +76,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
     group = f"{name}_{regime}"
     reward = stack.reward_config(settings, regime)
     # RL optimises the reward and synthesis keeps each query's best fan-outs by it: both re-run when it changes
-    reward_version = (reward.model_dump(), stack.reward_files_hash(settings, regime))
+    reward_version = stack.reward_version(settings, regime)
     training_queries = q.learning_rule(regime)  # which training queries RL and synthesis read
 
     @dg.asset(key=[*prefix, "folm_checkpoint"], group_name=group, kinds={"pytorch", "safetensors"},

@@ -5,7 +5,6 @@ runners one by one (`build_task_data`, `train_stage`, `run_modit_evaluation`).""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from r4t_pipeline.modit.config import STAGES, ModitConfig
 from r4t_pipeline.modit.evaluate import run_modit_evaluation
 from r4t_pipeline.modit.stages import train_stage
 from r4t_pipeline.modit.tasks import TaskData, build_task_data
-
-# (run name, e.g. "item/tail", step, metrics)
-RunLogFn = Callable[[str, int, dict[str, float]], None]
+from r4t_pipeline.tracking import NamedLogFn
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class ModitLayout:
 
 
 def run_modit(catalogs: dict[str, Catalog], embeddings: dict[str, CatalogEmbeddings], cfg: ModitConfig,
-              root: str | Path, *, resume: bool = True, log_fn: RunLogFn | None = None,
+              root: str | Path, *, resume: bool = True, log_fn: NamedLogFn | None = None,
               device: str = "auto") -> dict:
     """Everything, in order; returns (and writes to root/run.json) the stage times, task metadata, training
     summaries and the evaluation (without its PNG, which is in root/evaluation/frontier.png)."""

@@ -18,8 +18,10 @@ fixed fan-outs of category names that bracket what a sub-query writer at that gr
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,6 +30,7 @@ from vendi_score import vendi
 from r4t_pipeline.bench import time_batches
 from r4t_pipeline.diffusion.edm import network_calls
 from r4t_pipeline.encoders import l2_normalize
+from r4t_pipeline.io import write_json
 from r4t_pipeline.methods import KEPT_QUERY
 from r4t_pipeline.retrievers import RetrievalBatch, Retriever
 from r4t_pipeline.stats import mean_and_error
@@ -174,14 +177,48 @@ def _sample(frame, max_queries: int | None, seed: int):
     return frame.sample(n=max_queries, seed=seed) if max_queries and frame.height > max_queries else frame
 
 
+class FinishedRows:
+    """The results of each evaluated row (a method, a kept-query variant, a sampler setting), one JSON file each in
+    `folder`, so that an interrupted evaluation goes on from the first row not done; without a folder, none."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def get(self, row: str) -> dict | None:
+        path = self._path(row)
+        return json.loads(path.read_text()) if path and path.is_file() else None
+
+    def put(self, row: str, result: dict) -> dict:
+        """Keeps `result` (as JSON, written atomically) and returns it as `get` will read it back."""
+        result = json.loads(json.dumps(_plain(result)))
+        if path := self._path(row):
+            write_json(path, result)
+        return result
+
+    def _path(self, row: str) -> Path | None:
+        return self.folder / f"{row}.json" if self.folder else None
+
+
+def _plain(value):
+    """JSON's types for numpy's arrays and scalars."""
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, artefacts,
-                   methods: tuple[str, ...] | None = None, n_examples: int = 3, log_fn: NamedLogFn | None = None
-                   ) -> dict:
+                   methods: tuple[str, ...] | None = None, n_examples: int = 3, log_fn: NamedLogFn | None = None,
+                   resume_dir: Path | None = None) -> dict:
     """All methods on the regime's test split (human- or LLM-written queries only, see `queries`): metrics per
     method, the training reward of each on the validation split, and a few qualitative examples.
     `artefacts`: the `stack.RetrieverArtefacts` the records on the evaluation's edges name. A progress bar counts
     the evaluated rows (methods, kept-query variants, sampler settings), and `log_fn(row, row number, metrics)` gets
-    each row's means as it is done (a `quality` evaluation takes about 40 minutes)."""
+    each row's means as it is done (a `quality` evaluation takes about 40 minutes). With `resume_dir`, each row's
+    results are kept there as it is done, and a rerun after an interruption reads them back instead of computing
+    them again: the folder must be named by what is evaluated (the evaluation asset's version), since a row found
+    there is taken for the one this call would compute."""
     from r4t_pipeline import stack
     from r4t_pipeline.catalog import Catalog
     from r4t_pipeline.queries import load_corpus
@@ -224,42 +261,58 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
     methods = tuple(methods or stack.METHODS)
     kept = [method for method in cfg.keep_query_methods if method in methods]
     sweep_settings = cfg.sampler_sweep if "r4t_diffusion" in methods else []
-    rows = len(methods) + len(kept) + len(sweep_settings)
-    with tqdm(total=rows, desc=f"evaluate {catalog.name} {regime}", disable=None) as progress:  # closed on errors too
-        finished: list[str] = []  # not progress.n: a disabled bar (no terminal, as under Dagster) does not count
+    rows = FinishedRows(resume_dir)
+    with tqdm(total=len(methods) + len(kept) + len(sweep_settings), desc=f"evaluate {catalog.name} {regime}",
+              disable=None) as progress:  # closed on errors too
+        logged: list[str] = []  # not progress.n: a disabled bar (no terminal, as under Dagster) does not count
 
-        def done(row: str, summary: dict[str, tuple[float, float]]) -> None:
-            finished.append(row)
+        def evaluated(row: str, compute: Callable[[], dict]) -> dict:
+            """The row's results: read back from an interrupted run of this evaluation, or computed and kept."""
+            result = rows.get(row)
+            if result is None:
+                result = rows.put(row, compute())
+            result["metrics"] = {metric: tuple(value) for metric, value in result["metrics"].items()}
+            logged.append(row)
             progress.set_postfix_str(row, refresh=False)
             progress.update()
             if log_fn:
-                log_fn(row, len(finished), {metric: value[0] for metric, value in summary.items()})
+                log_fn(row, len(logged), {metric: value[0] for metric, value in result["metrics"].items()})
+            return result
 
-        metrics, per_query, examples, rewards = {}, {}, {}, {}
-        for method in methods:
+        def method_row(method: str) -> dict:
             retriever = stack.build_retriever(settings, regime, method, artefacts)
-            rewards[method] = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
-            metrics[method], per_query[method] = evaluate(retriever)
-            done(method, metrics[method])
+            reward = training_reward(retriever, scorer, val["query"].to_list(), val_refs, cfg.seed)
+            summary, scores = evaluate(retriever)
+            row = {"metrics": summary, "per_query": scores, "reward": reward}
             if method in ("zero_shot", "r4t_folm", "r4t_diffusion", "supervised_diffusion"):
                 batch = retriever.retrieve(queries[:n_examples], k, seed=cfg.seed)
-                examples[method] = [{"query": f.query, "directions": [
+                row["examples"] = [{"query": f.query, "directions": [
                     {"subquery": f.subqueries[n] if f.subqueries else None, "top_item": label(ids[0])}
                     for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
-        for method in kept:  # the query as one more direction (RAG-Fusion keeps it)
-            metrics[f"{method}{KEPT_QUERY}"] = evaluate(  # the proxies; judge calls cost
-                stack.build_retriever(settings, regime, method, artefacts, keep_query=True), judged=False)[0]
-            done(f"{method}{KEPT_QUERY}", metrics[f"{method}{KEPT_QUERY}"])
-        sweep = []
-        for setting in sweep_settings:  # quality against sampling cost: what fewer network calls give up
+            return row
+
+        def sweep_row(setting) -> dict:  # quality against sampling cost: what fewer network calls give up
             retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler=setting.sampler,
                                               steps=setting.steps, cached=False)  # timed: queries encoded
             timing = time_batches(retriever, queries, [8], cfg.latency_repeats, k if regime == "oar" else paper_pool,
                                   cfg.latency_budget_seconds)["8"]
-            sweep.append({**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
-                          "metrics": evaluate(retriever, judged=False)[0],  # the proxies; judge calls cost
-                          "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))})
-            done(f"r4t_diffusion@{setting.sampler}-{setting.steps}", sweep[-1]["metrics"])
+            return {**setting.model_dump(), "network_calls": network_calls(setting.sampler, setting.steps),
+                    "metrics": evaluate(retriever, judged=False)[0],  # the proxies; judge calls cost
+                    "fanout_ms_batch8": 1000 * timing.get("fanout_median_seconds", float("nan"))}
+
+        metrics, per_query, examples, rewards = {}, {}, {}, {}
+        for method in methods:
+            row = evaluated(method, lambda method=method: method_row(method))
+            metrics[method], rewards[method] = row["metrics"], row["reward"]
+            per_query[method] = {metric: np.asarray(values) for metric, values in row["per_query"].items()}
+            if "examples" in row:
+                examples[method] = row["examples"]
+        for method in kept:  # the query as one more direction (RAG-Fusion keeps it); the proxies: judge calls cost
+            metrics[f"{method}{KEPT_QUERY}"] = evaluated(f"{method}{KEPT_QUERY}", lambda method=method: {
+                "metrics": evaluate(stack.build_retriever(settings, regime, method, artefacts, keep_query=True),
+                                    judged=False)[0]})["metrics"]
+        sweep = [evaluated(f"r4t_diffusion@{setting.sampler}-{setting.steps}",
+                           lambda setting=setting: sweep_row(setting)) for setting in sweep_settings]
     headroom = {}
     if regime == "wscr":  # what naming the right item types would reach, beside what the methods reach
         categories = dict(zip(catalog.items["item_id"].to_list(), catalog.items["category"].to_list()))

@@ -117,3 +117,45 @@ def test_category_fanouts_name_the_reference_types_or_the_most_frequent_ones():
         ceiling.directions(["q"], seed=0)
     floor = CategoryFanout(None, None, categories, k=2, ceiling=False)
     assert floor.subqueries("q", ["f"]) == ["Boots", "Bags"]  # the same for every query: no intent
+
+
+RESUMED_METHODS = ("no_fanout", "supervised_diffusion")
+
+
+def test_an_interrupted_evaluation_goes_on_from_the_rows_it_finished(smoke, tmp_path, monkeypatch):
+    """It gives what a fresh run gives, with every row logged again."""
+    from r4t_pipeline import stack
+    from r4t_pipeline.evaluation import run_evaluation
+    from r4t_pipeline.stack import latest_artefacts
+
+    records, artefacts = latest_artefacts(smoke.settings, "polyvore", "oar", list(RESUMED_METHODS))
+    build_retriever, built = stack.build_retriever, []
+
+    def evaluate(resume_dir=None, fail_on=None):
+        def building(settings, regime, method, *args, **kwargs):
+            built.append(method)
+            if method == fail_on:
+                raise KeyboardInterrupt  # as a stopped run
+            return build_retriever(settings, regime, method, *args, **kwargs)
+
+        monkeypatch.setattr(stack, "build_retriever", building)
+        logged = []
+        result = run_evaluation(smoke.settings, "oar", records["catalog"].path, records["broad_queries"].path,
+                                artefacts, methods=RESUMED_METHODS, resume_dir=resume_dir,
+                                log_fn=lambda row, step, means: logged.append((row, step)))
+        return result, logged
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tmp_path / "rows", fail_on="supervised_diffusion")
+    assert [p.name for p in (tmp_path / "rows").iterdir()] == ["no_fanout.json"]
+    built.clear()
+    resumed, logged = evaluate(tmp_path / "rows")
+    assert built == ["supervised_diffusion"]  # the finished row is read back, not evaluated again
+    assert logged == [("no_fanout", 1), ("supervised_diffusion", 2)]  # every row still reaches MLflow
+
+    fresh, _ = evaluate()
+    for field in ("paired", "examples", "validation_reward"):
+        assert json.dumps(resumed[field]) == json.dumps(fresh[field]), field
+    for method in RESUMED_METHODS:  # all but the time each run took
+        del resumed["metrics"][method]["fanout_seconds_per_query"], fresh["metrics"][method]["fanout_seconds_per_query"]
+        assert resumed["metrics"][method] == fresh["metrics"][method], method

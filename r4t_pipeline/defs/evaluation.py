@@ -2,6 +2,7 @@
 catalog, and the report that a user reads to decide whether R4T is worth deploying."""
 
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -56,18 +57,20 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
         if reused := production.reuse():
             return reused
         artefacts = artefacts_of(regime, inputs)
+        finished_rows = production.path.with_name(f"{production.version}.resume")  # what a rerun goes on from
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
             def log_row(row: str, step: int, means: dict[str, float]) -> None:  # as each is done: MLflow, run log
                 run.log(step, {f"{row}/{metric}": value for metric, value in means.items()})
                 context.log.info(f"{name}/{regime} evaluation: {row} done ({step} rows so far)")
 
             result = run_evaluation(settings, regime, inputs["catalog"].path, inputs["broad_queries"].path, artefacts,
-                                    log_fn=log_row)
+                                    log_fn=log_row, resume_dir=finished_rows)
             rows = ({f"headroom_{bound}": v for bound, v in result.get("headroom", {}).items()}
                     | {f"{p['method']}-{p['against']}": p["difference"] for p in result.get("paired", [])})
             run.log(0, {f"{row}/{metric}": value[0] for row, values in rows.items()
                         for metric, value in values.items()})
         write_result(production, METRICS_FILE, result)
+        shutil.rmtree(finished_rows, ignore_errors=True)
         metadata = {"queries": result["queries"], "query_sources": result["query_sources"]}
         if result.get("skipped"):
             metadata["skipped"] = result["skipped"]

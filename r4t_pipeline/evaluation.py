@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,10 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
                     for n, ids in enumerate(f.candidate_ids)]} for f in batch.fanouts]
             return row
 
+        def kept_query_row(method: str) -> dict:  # the proxies: judge calls cost
+            retriever = stack.build_retriever(settings, regime, method, artefacts, keep_query=True)
+            return {"metrics": evaluate(retriever, judged=False)[0]}
+
         def sweep_row(setting) -> dict:  # quality against sampling cost: what fewer network calls give up
             retriever = stack.build_retriever(settings, regime, "r4t_diffusion", artefacts, sampler=setting.sampler,
                                               steps=setting.steps, cached=False)  # timed: queries encoded
@@ -302,17 +307,16 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
 
         metrics, per_query, examples, rewards = {}, {}, {}, {}
         for method in methods:
-            row = evaluated(method, lambda method=method: method_row(method))
+            row = evaluated(method, partial(method_row, method))
             metrics[method], rewards[method] = row["metrics"], row["reward"]
             per_query[method] = {metric: np.asarray(values) for metric, values in row["per_query"].items()}
             if "examples" in row:
                 examples[method] = row["examples"]
-        for method in kept:  # the query as one more direction (RAG-Fusion keeps it); the proxies: judge calls cost
-            metrics[f"{method}{KEPT_QUERY}"] = evaluated(f"{method}{KEPT_QUERY}", lambda method=method: {
-                "metrics": evaluate(stack.build_retriever(settings, regime, method, artefacts, keep_query=True),
-                                    judged=False)[0]})["metrics"]
-        sweep = [evaluated(f"r4t_diffusion@{setting.sampler}-{setting.steps}",
-                           lambda setting=setting: sweep_row(setting)) for setting in sweep_settings]
+        for method in kept:  # the query as one more direction (RAG-Fusion keeps it)
+            row = f"{method}{KEPT_QUERY}"
+            metrics[row] = evaluated(row, partial(kept_query_row, method))["metrics"]
+        sweep = [evaluated(f"r4t_diffusion@{setting.sampler}-{setting.steps}", partial(sweep_row, setting))
+                 for setting in sweep_settings]
     headroom = {}
     if regime == "wscr":  # what naming the right item types would reach, beside what the methods reach
         categories = dict(zip(catalog.items["item_id"].to_list(), catalog.items["category"].to_list()))

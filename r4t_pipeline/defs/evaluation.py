@@ -58,6 +58,9 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
             return reused
         artefacts = artefacts_of(regime, inputs)
         finished_rows = production.path.with_name(f"{production.version}.resume")  # what a rerun goes on from
+        if done := sorted(p.stem for p in finished_rows.glob("*.json")):
+            context.log.info(f"{name}/{regime} evaluation: going on from an interrupted run, {len(done)} rows "
+                             f"read back ({', '.join(done)})")
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:
             def log_row(row: str, step: int, means: dict[str, float]) -> None:  # as each is done: MLflow, run log
                 run.log(step, {f"{row}/{metric}": value for metric, value in means.items()})

@@ -38,21 +38,17 @@ class MlflowRun:
         return {RUN_ID_ENV: self.run_id, TRACKING_URI_ENV: self.client.tracking_uri}
 
     @classmethod
-    def start(cls, client, experiment_id: str, name: str, params: dict, tags: dict) -> MlflowRun:
-        """A new RUNNING run with its parameters (each value cut to MLflow's 500 characters). An interrupt that
-        arrives meanwhile takes effect once the run exists, and ends it KILLED: no caller holds it yet to say so."""
+    def create(cls, client, experiment_id: str, name: str, tags: dict) -> MlflowRun:
+        """A new RUNNING run. Not deferred here against interrupts, unlike the writes below: an interrupt deferred
+        to the end of this call would lose the run before anyone holds it to end it, so the caller defers it."""
+        return cls(client, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
+
+    def log_params(self, params: dict) -> None:
+        """Each value cut to MLflow's 500 characters."""
         from mlflow.entities import Param
 
-        created = None
-        try:
-            with interrupts_deferred():
-                created = cls(client, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
-                client.log_batch(created.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
-        except BaseException as err:
-            if created is not None:
-                created.end("FAILED" if isinstance(err, Exception) else "KILLED")
-            raise
-        return created
+        with interrupts_deferred():
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED."""

@@ -15,7 +15,7 @@ import dagster as dg
 
 from r4t_pipeline.io import process_alive
 from r4t_pipeline.records import Record, RecordStore
-from r4t_pipeline.tracking import MlflowRun
+from r4t_pipeline.tracking import MlflowRun, interrupts_deferred
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -36,14 +36,19 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.create_experiment(self.experiment, artifact_location=self.artifact_location)
         self.reap()
         owner = {"r4t/host": socket.gethostname(), "r4t/pid": str(os.getpid())}  # lets a later run reap it
-        run = MlflowRun.start(client, experiment_id, name, params or {}, {**owner, **(tags or {})})
+        run = None
         try:
+            with interrupts_deferred():  # one arriving while MLflow creates the run takes effect once it can be ended
+                run = MlflowRun.create(client, experiment_id, name, {**owner, **(tags or {})})
+                run.log_params(params or {})
             yield run
         except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
-            run.end("KILLED")
+            if run is not None:
+                run.end("KILLED")
             raise
         except BaseException:
-            run.end("FAILED")
+            if run is not None:
+                run.end("FAILED")
             raise
         run.end("FINISHED")
 

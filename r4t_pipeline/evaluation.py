@@ -185,9 +185,19 @@ class FinishedRows:
     def __init__(self, folder: Path | None):
         self.folder = folder
 
+    def names(self) -> list[str]:
+        """The rows kept so far."""
+        return sorted(path.stem for path in self.folder.glob("*.json")) if self.folder else []
+
     def get(self, row: str) -> dict | None:
         path = self._path(row)
-        return json.loads(path.read_text()) if path and path.is_file() else None
+        if not (path and path.is_file()):
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path}: not a finished evaluation row ({err}); delete it to evaluate "
+                             f"{row} again") from err
 
     def put(self, row: str, result: dict) -> dict:
         """Keeps `result` (as JSON, written atomically) and returns it as `get` will read it back."""

@@ -159,3 +159,16 @@ def test_an_interrupted_evaluation_goes_on_from_the_rows_it_finished(smoke, tmp_
     for method in RESUMED_METHODS:  # all but the time each run took
         del resumed["metrics"][method]["fanout_seconds_per_query"], fresh["metrics"][method]["fanout_seconds_per_query"]
         assert resumed["metrics"][method] == fresh["metrics"][method], method
+
+
+def test_a_damaged_finished_row_is_refused_naming_its_file(tmp_path):
+    from r4t_pipeline.evaluation import FinishedRows
+
+    rows = FinishedRows(tmp_path)
+    assert rows.put("no_fanout", {"metrics": {"average": (np.float32(1.5), 0.25)}}) == rows.get("no_fanout") == \
+        {"metrics": {"average": [1.5, 0.25]}}
+    assert rows.names() == ["no_fanout"] and rows.get("zero_shot") is None
+    (tmp_path / "zero_shot.json").write_text('{"metrics": {"aver')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'zero_shot.json'}: not a finished evaluation row .*"
+                                         r"delete it to evaluate zero_shot again"):
+        rows.get("zero_shot")

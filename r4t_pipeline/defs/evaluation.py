@@ -11,7 +11,7 @@ from r4t_pipeline.bench import benchmark_queries, format_table, run_benchmark
 from r4t_pipeline.defs.modit import EVALUATION_KEY
 from r4t_pipeline.defs.production import Production, code_version, retry_transient, write_result
 from r4t_pipeline.defs.resources import MlflowTracking
-from r4t_pipeline.evaluation import METRICS_FILE, RESULT_VERSION, run_evaluation
+from r4t_pipeline.evaluation import METRICS_FILE, RESULT_VERSION, FinishedRows, run_evaluation
 from r4t_pipeline.loadgen import format_serve_table, serve_benchmark
 from r4t_pipeline.modit.artefacts import EVALUATION_DIR
 from r4t_pipeline.modit.artefacts import LATENCY_FILE as MODIT_LATENCY_FILE
@@ -58,7 +58,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
             return reused
         artefacts = artefacts_of(regime, inputs)
         finished_rows = production.path.with_name(f"{production.version}.resume")  # what a rerun goes on from
-        if done := sorted(p.stem for p in finished_rows.glob("*.json")):
+        if done := FinishedRows(finished_rows).names():
             context.log.info(f"{name}/{regime} evaluation: going on from an interrupted run, {len(done)} rows "
                              f"read back ({', '.join(done)})")
         with mlflow.run(f"{name}/{regime}/evaluation", params=settings.evaluation.model_dump()) as run:

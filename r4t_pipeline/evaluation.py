@@ -34,6 +34,7 @@ from r4t_pipeline.encoders import l2_normalize
 from r4t_pipeline.io import write_json
 from r4t_pipeline.methods import KEPT_QUERY
 from r4t_pipeline.retrievers import RetrievalBatch, Retriever
+from r4t_pipeline.rewards import query_specificity
 from r4t_pipeline.stats import mean_and_error
 from r4t_pipeline.tracking import NamedLogFn
 
@@ -72,6 +73,12 @@ def oar_proxies(batch: RetrievalBatch, retriever: Retriever, query_vectors: np.n
             (("groundedness", grounded), ("diversity", diverse), ("alignment", aligned))}
 
 
+def specificity(batch: RetrievalBatch, query_vectors: np.ndarray) -> np.ndarray:
+    """0-100: how much more a fan-out's directions point at its own query than at another test query's."""
+    fanouts = batch.fanouts
+    return 100 * query_specificity([f.directions for f in fanouts], query_vectors, [f.query for f in fanouts])
+
+
 def truncate_pool(batch: RetrievalBatch, pool_size: int) -> RetrievalBatch:
     """The same fan-outs with a smaller pool, read off the candidates of a larger one (see `Fanout.within`)."""
     return RetrievalBatch([f.within(pool_size) for f in batch.fanouts], batch.fanout_seconds, batch.search_seconds)
@@ -101,6 +108,7 @@ def wscr_scores(retriever: Retriever, queries: list[str], reference_ids: list[li
                for r in range(runs)]
     scores = pooled_recall_and_hit(batches[0], reference_ids, pools)
     scores["vendi"] = run_vendi(batches)
+    scores["query_specificity"] = specificity(batches[0], retriever.space.encode_queries(queries))
     return scores, sum(b.fanout_seconds for b in batches) / (runs * len(queries))
 
 
@@ -144,8 +152,10 @@ def oar_scores(retriever: Retriever, queries: list[str], k: int, seed: int = 0, 
     """Per-query embedding proxies (with an `LLMJudge` and `label`: id -> text, also the judge's three scores) and
     the fan-out seconds per query."""
     batch = retriever.retrieve(queries, k, seed=seed)
-    scores = oar_proxies(batch, retriever, retriever.space.encode_queries(queries))
+    query_vectors = retriever.space.encode_queries(queries)
+    scores = oar_proxies(batch, retriever, query_vectors)
     scores["average"] = (scores["groundedness"] + scores["diversity"] + scores["alignment"]) / 3
+    scores["query_specificity"] = specificity(batch, query_vectors)
     if judge is not None:
         judged = [judge.score(f.query, [(f.subqueries[n] if f.subqueries else f"direction {n + 1}", label(i))
                                         for n, ids in enumerate(f.candidate_ids) for i in ids])

@@ -45,6 +45,7 @@ def metrics_table(evaluation: dict) -> str:
         columns = list(OAR_COLUMNS) + [c for c in next(iter(metrics.values())) if c.startswith("judge_")]
     else:
         columns = _pool_columns(evaluation) + ["vendi"]
+    columns += ["query_specificity"] if "query_specificity" in next(iter(metrics.values())) else []
     header = "| method | " + " | ".join(columns) + " |"
     rows = [header, "|---" * (len(columns) + 1) + "|"]
     for method in sorted(metrics, key=_method_order):

@@ -60,6 +60,25 @@ def alignment(sub_vectors: np.ndarray, query_vector: np.ndarray) -> np.ndarray:
     return cos.mean(axis=-1)
 
 
+def query_specificity(directions: Sequence[np.ndarray], query_vectors: np.ndarray,
+                      query_ids: Sequence | None = None) -> np.ndarray:
+    """Per fan-out: the mean cosine of its directions to its own query minus to another query (the next distinct
+    one in order, the last compared with the first; rows with equal `query_ids` share a query). Near 0 the
+    directions do not depend on the query (a fan-out LM writing catalog-style lines whatever the intent), which
+    none of the reward terms shows: groundedness and diversity reward such lines. NaN with fewer than two queries."""
+    query_vectors = np.asarray(query_vectors, np.float64)
+    keys = list(range(len(query_vectors)) if query_ids is None else query_ids)
+    first: dict = {}
+    for n, key in enumerate(keys):
+        first.setdefault(key, n)
+    if len(first) < 2:
+        return np.full(len(query_vectors), np.nan)
+    following = dict(zip(first, [*list(first.values())[1:], next(iter(first.values()))]))
+    other = query_vectors[[following[key] for key in keys]]
+    return np.array([float((np.asarray(d, np.float64) @ (q - o)).mean())
+                     for d, q, o in zip(directions, query_vectors, other)])
+
+
 def coverage(retrieved_ids_per_direction: Sequence[Sequence] | np.ndarray, reference_ids: Sequence) -> float:
     """r_cov = |Y ∩ ∪_k R_k| / |Y|; R_k = the top-m ids of direction k (any id type, Y as a set)."""
     reference = np.unique(np.asarray(reference_ids))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from r4t_pipeline.config import SynthConfig
 from r4t_pipeline.fanout import parse_fanout
 from r4t_pipeline.io import atomic_file, stable_hash
-from r4t_pipeline.rewards import FanoutScorer
+from r4t_pipeline.rewards import FanoutScorer, query_specificity
 from r4t_pipeline.tracking import LogFn
 
 
@@ -161,9 +161,12 @@ def load_targets(path: Path) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
 
 
 def summarize_targets(path: Path) -> dict:
-    targets, _, frame = load_targets(path)
+    targets, queries, frame = load_targets(path)
     totals = frame["reward_total"]
+    specificity = query_specificity(targets, queries, frame["query_id"].to_list())
     return {"rows": frame.height, "queries": int(frame["query_id"].n_unique()), "k": targets.shape[1],
             "dim": targets.shape[2], "sigma_data": float(targets.std()),
+            # ~0: the teacher's targets do not depend on their query, and the diffusion has no query to compile
+            "query_specificity": float(np.nanmean(specificity)) if len(specificity) else float("nan"),
             "reward_mean": float(totals.mean()), "reward_p10": float(totals.quantile(0.1)),
             "reward_p90": float(totals.quantile(0.9))}

@@ -70,7 +70,9 @@ def test_report_renders_both_tables_in_method_order(smoke):
     evaluations = [json.loads((smoke.path(f"polyvore/{r}/evaluation") / "metrics.json").read_text())
                    for r in ("oar", "wscr")]
     oar_table = metrics_table(evaluations[0]).splitlines()
-    assert oar_table[0] == "| method | diversity | alignment | groundedness | average |"
+    assert oar_table[0] == "| method | diversity | alignment | groundedness | average | query_specificity |"
+    for evaluation in evaluations:  # the query alone points at itself more than at another test query
+        assert evaluation["metrics"]["no_fanout"]["query_specificity"][0] > 0
     assert [row.split("|")[1].strip() for row in oar_table[2:]] == [
         "No fan-out", "Zero-shot fan-out", "Best-of-N", "R4T-FOLM", "R4T-Diffusion", "R4T-Diffusion + query",
         "Supervised set diffusion"]  # smoke: R4T-Diffusion is evaluated again with the query kept

@@ -25,6 +25,7 @@ from r4t_pipeline.rewards import (
     diversity,
     groundedness,
     load_reward_preset,
+    query_specificity,
     soft_coverage,
     vendi_score,
 )
@@ -103,6 +104,16 @@ def test_coverage_and_soft_coverage_by_hand():
     sub = np.array([[1.0, 0.0], [0.0, 1.0]])
     reference = np.array([[1.0, 0.0], [math.sqrt(0.5), math.sqrt(0.5)], [-1.0, 0.0]])
     assert soft_coverage(sub, reference) == pytest.approx((1.0 + math.sqrt(0.5) + 0.0) / 3)
+
+
+def test_query_specificity_by_hand():
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert query_specificity([q[:1], q[1:]], q).tolist() == [1.0, 1.0]  # each points at its own query only
+    constant = np.array([[0.6, 0.8]])
+    assert query_specificity([constant, constant], q) == pytest.approx([-0.2, 0.2])  # mean 0: the same lines for all
+    rows = query_specificity([q[:1], q[:1], q[1:]], q[[0, 0, 1]], ["a", "a", "b"])
+    assert rows.tolist() == [1.0, 1.0, 1.0]  # rows of one query are compared with the next query, not each other
+    assert np.isnan(query_specificity([q[:1]], q[:1])).all()
 
 
 def test_config_composites_and_empty_parse_reward():
@@ -306,3 +317,17 @@ def test_wscr_reference_names_reach_full_coverage_and_unrelated_ones_score_lower
         default.score_subqueries([title], [own_names])
     with pytest.raises(ValueError, match="not in the index"):
         default.score_subqueries([title], [own_names], [["no-such-item"]])
+
+
+def test_own_items_are_query_specific_and_one_list_for_every_title_is_not(polyvore):
+    """Real titles and their outfits' items: the items of each title's own outfit point at that title; the same
+    ten catalog items for every title score zero on average, however well each of them matches some title."""
+    position = {item_id: n for n, item_id in enumerate(polyvore["index"].ids.tolist())}
+    titled = [(polyvore["outfit_titles"][set_id], [position[tid] for tid, _ in items if tid in position])
+              for set_id, items in polyvore["outfit_items"].items() if polyvore["outfit_titles"].get(set_id)]
+    titles = polyvore["space"].encode_queries([title for title, _ in titled])
+    own = query_specificity([polyvore["index"].vectors[rows] for _, rows in titled], titles)
+    shared = polyvore["index"].vectors[:K]
+    same = query_specificity([shared] * len(titled), titles)
+    assert own.mean() > 3 * own.std() / np.sqrt(len(own))  # titles say little of their items, but more than nothing
+    assert abs(same.mean()) < 1e-6

@@ -122,6 +122,9 @@ def headroom_table(evaluation: dict) -> str:
 def _pool_note(evaluation: dict) -> str:
     kept = (" \"+ query\": the same fan-out with the query kept as one more direction (RAG-Fusion keeps it), the pool "
             "split over K + 1 directions." if any(m.endswith(KEPT_QUERY) for m in evaluation["metrics"]) else "")
+    kept += (" query_specificity: how much more the directions point at their own query than at another test query "
+             "(x100 cosine); near 0, the method returns the same kind of set whatever the intent."
+             if "query_specificity" in next(iter(evaluation["metrics"].values()), {}) else "")
     if evaluation["regime"] == "oar":
         return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
                 "Mean ± bootstrap standard error over test queries." + kept)

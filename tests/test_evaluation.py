@@ -86,6 +86,7 @@ def test_report_renders_both_tables_in_method_order(smoke):
     # DPM-Solver++, 2 steps); WSCR also the category-name headroom
     assert page.count("<table>") == 9 and "| Ceiling: the categories of the reference items" in markdown
     assert markdown.count("| Zero-shot fan-out − No fan-out | ") == 2
+    assert markdown.count("query_specificity: how much more the directions point at their own query") == 2
     recalls = " | ".join(f"recall@{label}" for label in evaluations[1]["pools"])
     assert "| comparison | diversity | average |" in markdown and f"| comparison | {recalls} |" in markdown
     assert "src='data:image/png;base64," in page and "http" not in page

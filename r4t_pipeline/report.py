@@ -39,13 +39,18 @@ def _pool_columns(evaluation: dict) -> list[str]:
     return [f"{m}@{p}" for p in evaluation["pools"] for m in ("recall", "hit")]
 
 
+def _has_specificity(evaluation: dict) -> bool:
+    """Evaluations materialised before the column existed lack it."""
+    return "query_specificity" in next(iter(evaluation["metrics"].values()), {})
+
+
 def metrics_table(evaluation: dict) -> str:
     metrics = evaluation["metrics"]
     if evaluation["regime"] == "oar":
         columns = list(OAR_COLUMNS) + [c for c in next(iter(metrics.values())) if c.startswith("judge_")]
     else:
         columns = _pool_columns(evaluation) + ["vendi"]
-    columns += ["query_specificity"] if "query_specificity" in next(iter(metrics.values())) else []
+    columns += ["query_specificity"] if _has_specificity(evaluation) else []
     header = "| method | " + " | ".join(columns) + " |"
     rows = [header, "|---" * (len(columns) + 1) + "|"]
     for method in sorted(metrics, key=_method_order):
@@ -124,7 +129,7 @@ def _pool_note(evaluation: dict) -> str:
             "split over K + 1 directions." if any(m.endswith(KEPT_QUERY) for m in evaluation["metrics"]) else "")
     kept += (" query_specificity: how much more the directions point at their own query than at another test query "
              "(x100 cosine); near 0, the method returns the same kind of set whatever the intent."
-             if "query_specificity" in next(iter(evaluation["metrics"].values()), {}) else "")
+             if _has_specificity(evaluation) else "")
     if evaluation["regime"] == "oar":
         return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
                 "Mean ± bootstrap standard error over test queries." + kept)

@@ -68,12 +68,15 @@ def query_specificity(directions: Sequence[np.ndarray], query_vectors: np.ndarra
     none of the reward terms shows: groundedness and diversity reward such lines. NaN with fewer than two queries."""
     query_vectors = np.asarray(query_vectors, np.float64)
     keys = list(range(len(query_vectors)) if query_ids is None else query_ids)
-    first: dict = {}
+    if not len(directions) == len(query_vectors) == len(keys):
+        raise ValueError(f"directions ({len(directions)}), query_vectors ({len(query_vectors)}) and query_ids "
+                         f"({len(keys)}) differ in length")
+    first: dict = {}  # each distinct query's first row, in order
     for n, key in enumerate(keys):
         first.setdefault(key, n)
     if len(first) < 2:
         return np.full(len(query_vectors), np.nan)
-    following = dict(zip(first, [*list(first.values())[1:], next(iter(first.values()))]))
+    following = dict(zip(first, np.roll(list(first.values()), -1)))
     other = query_vectors[[following[key] for key in keys]]
     return np.array([float((np.asarray(d, np.float64) @ (q - o)).mean())
                      for d, q, o in zip(directions, query_vectors, other)])

@@ -167,6 +167,6 @@ def summarize_targets(path: Path) -> dict:
     return {"rows": frame.height, "queries": int(frame["query_id"].n_unique()), "k": targets.shape[1],
             "dim": targets.shape[2], "sigma_data": float(targets.std()),
             # ~0: the teacher's targets do not depend on their query, and the diffusion has no query to compile
-            "query_specificity": float(np.nanmean(specificity)) if len(specificity) else float("nan"),
+            "query_specificity": float(specificity.mean()) if len(specificity) else float("nan"),  # NaN: 1 query
             "reward_mean": float(totals.mean()), "reward_p10": float(totals.quantile(0.1)),
             "reward_p90": float(totals.quantile(0.9))}

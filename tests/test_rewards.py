@@ -114,6 +114,8 @@ def test_query_specificity_by_hand():
     rows = query_specificity([q[:1], q[:1], q[1:]], q[[0, 0, 1]], ["a", "a", "b"])
     assert rows.tolist() == [1.0, 1.0, 1.0]  # rows of one query are compared with the next query, not each other
     assert np.isnan(query_specificity([q[:1]], q[:1])).all()
+    with pytest.raises(ValueError, match=r"directions \(1\), query_vectors \(2\) and query_ids \(2\)"):
+        query_specificity([q[:1]], q)
 
 
 def test_config_composites_and_empty_parse_reward():

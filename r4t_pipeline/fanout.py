@@ -124,6 +124,21 @@ def parse_fanout(text: str, k: int) -> ParsedFanout:
     return ParsedFanout(subqueries=tuple(lines[:k]), n_parsed=len(lines), unparseable=not lines and bool(text.strip()))
 
 
+def with_query(query: str, lines: Iterable[str]) -> list[str]:
+    """Each line as a sub-query that carries its query in front ("winter essentials" + "marni gold top" -> "winter
+    essentials marni gold top"); a line that already starts with the query is kept as it is, so applying this twice
+    changes nothing. A fan-out LM warm-started on item names writes lines that name items whatever the intent, so
+    their embeddings do not depend on the query; the prefix keeps the intent in every direction."""
+    prefix = " ".join(query.split())
+    folded = prefix.casefold()
+
+    def carries_query(line: str) -> bool:
+        words = " ".join(line.split()).casefold()
+        return words == folded or words.startswith(folded + " ")
+
+    return [line if carries_query(line) else f"{prefix} {line}" for line in lines]
+
+
 def format_penalty(parsed: ParsedFanout, k: int, coef: float = 0.5) -> float:
     """SPEC §2: `-coef * |k - n_parsed| / k` (0 when exactly k distinct sub-queries were parsed)."""
     _check_k(k)

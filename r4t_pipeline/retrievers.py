@@ -16,7 +16,7 @@ import numpy as np
 
 from r4t_pipeline.config import FanoutSampling, SamplerName
 from r4t_pipeline.encoders import EmbeddingSpace
-from r4t_pipeline.fanout import parse_fanout
+from r4t_pipeline.fanout import parse_fanout, with_query
 from r4t_pipeline.index import VectorIndex
 
 
@@ -148,10 +148,10 @@ class TextFanout(Retriever):
     name = "text_fanout"
 
     def __init__(self, space: EmbeddingSpace, index: VectorIndex, model, tokenizer, k: int,
-                 sampling: FanoutSampling | None = None, batch_size: int = 16):
+                 sampling: FanoutSampling | None = None, batch_size: int = 16, prefix_query: bool = False):
         super().__init__(space, index)
         self.model, self.tokenizer, self.k = model, tokenizer, k
-        self.sampling, self.batch_size = sampling or FanoutSampling(), batch_size
+        self.sampling, self.batch_size, self.prefix_query = sampling or FanoutSampling(), batch_size, prefix_query
 
     def sample_subqueries(self, queries: list[str], num_samples: int, seed: int) -> list[list[list[str]]]:
         from r4t_pipeline.folm.generate import generate_fanouts
@@ -160,8 +160,11 @@ class TextFanout(Retriever):
         completions = generate_fanouts(self.model, self.tokenizer, queries, self.k, num_samples, s.temperature,
                                        s.max_new_tokens, self.batch_size, seed, s.no_repeat_ngram_size,
                                        self.k if s.fill_k_lines else 0)
-        return [[list(parse_fanout(c, self.k).subqueries) or [q] for c in group]
+        return [[self._subqueries(q, parse_fanout(c, self.k).subqueries) or [q] for c in group]
                 for q, group in zip(queries, completions)]
+
+    def _subqueries(self, query: str, lines: tuple[str, ...]) -> list[str]:
+        return with_query(query, lines) if self.prefix_query else list(lines)
 
     def directions(self, queries, seed, reference_ids=None):
         subqueries = [group[0] for group in self.sample_subqueries(queries, 1, seed)]

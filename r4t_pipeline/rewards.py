@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from r4t_pipeline.encoders import EmbeddingSpace, l2_normalize
-from r4t_pipeline.fanout import ParsedFanout, assets_dir, format_penalty, parse_fanout
+from r4t_pipeline.fanout import ParsedFanout, assets_dir, format_penalty, parse_fanout, with_query
 from r4t_pipeline.index import VectorIndex
 
 Regime = Literal["oar", "wscr"]
@@ -114,6 +114,9 @@ class RewardConfig(BaseModel):
     coverage_top_m: int = Field(500, ge=1, description="items retrieved per direction for r_cov")
     coverage_hard_weight: float = Field(0.5, ge=0, le=1, description="WSCR: h r_cov + (1 - h) r_soft")
     format_coef: float = Field(0.5, ge=0, description="format term -coef |K - K_parsed| / K, capped at -coef")
+    prefix_query: bool = Field(True, description="each sub-query is the query followed by the FOLM's line "
+                                                 "(`fanout.with_query`), in the reward and in every text fan-out; "
+                                                 "false: the line alone, e_k = E_q(line)")
 
     def composite(self, terms: Mapping[str, float]) -> float:
         """OAR: w_g r_g + w_d r_d + w_a r_a.  WSCR: h r_cov + (1 - h) r_soft."""
@@ -239,6 +242,10 @@ class FanoutScorer:
         parsed = [ParsedFanout(tuple(s[:k]), n_parsed=len(s), unparseable=False) for s in subquery_lists]
         return self._score_parsed(queries, parsed, reference_ids)
 
+    def subqueries(self, query: str, lines: Sequence[str]) -> list[str]:
+        """The texts this reward embeds for a fan-out's lines (with the query in front where `prefix_query`)."""
+        return with_query(query, lines) if self.config.prefix_query else list(lines)
+
     def __call__(self, queries: list[str], completions: list[str], **columns) -> list[dict[str, float]]:
         """The FOLM trainer's reward_fn; WSCR reads the `reference_ids` column, other columns are ignored."""
         return self.score_texts(queries, completions, columns.get("reference_ids"))
@@ -248,10 +255,10 @@ class FanoutScorer:
         if reference_ids is not None and len(reference_ids) != len(parsed):
             raise ValueError(f"reference_ids ({len(reference_ids)}) and fan-outs ({len(parsed)}) differ in length")
         scored = [i for i, p in enumerate(parsed) if not p.is_empty]
-        vectors = self.embed_texts([queries[i] for i in scored]
-                                       + [s for i in scored for s in parsed[i].subqueries])
+        subqueries = [self.subqueries(queries[i], parsed[i].subqueries) for i in scored]
+        vectors = self.embed_texts([queries[i] for i in scored] + [s for group in subqueries for s in group])
         query_vectors, sub_vectors = vectors[:len(scored)], vectors[len(scored):]
-        bounds = itertools.pairwise(np.cumsum([0] + [len(parsed[i].subqueries) for i in scored]))
+        bounds = itertools.pairwise(np.cumsum([0] + [len(group) for group in subqueries]))
         terms = self._score_fanouts(query_vectors, [sub_vectors[a:b] for a, b in bounds],
                                     None if reference_ids is None else [reference_ids[i] for i in scored])
         results = [self._empty_parse_terms() for _ in parsed]

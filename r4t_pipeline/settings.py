@@ -144,7 +144,7 @@ class RewardSettings(Section):
     """Presets are files in assets/rewards/; `overrides` change single fields (e.g. a weight)."""
 
     presets: dict[str, str] = Field(default_factory=lambda: {"oar": "oar_default", "wscr": "wscr_default"})
-    overrides: dict[str, dict[str, float | int | str]] = Field(default_factory=lambda: {"oar": {}, "wscr": {}})
+    overrides: dict[str, dict[str, bool | float | int | str]] = Field(default_factory=lambda: {"oar": {}, "wscr": {}})
     k: int = Field(10, description="sub-queries / retrieval directions per fan-out")
 
 

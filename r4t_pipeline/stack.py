@@ -134,7 +134,8 @@ def _retriever(settings: Settings, regime: str, method: str, artefacts: Retrieve
                steps: int | None, cached: bool) -> Retriever:
     space, index = embedding_space(settings, cached=cached, queries=True), VectorIndex.load(artefacts.index)
     k, train = settings.rewards.k, settings.folm.train
-    text_kwargs = {"k": k, "sampling": train, "batch_size": train.generation_batch_size}
+    text_kwargs = {"k": k, "sampling": train, "batch_size": train.generation_batch_size,
+                   "prefix_query": reward_config(settings, regime).prefix_query}
     if method == "no_fanout":
         return NoFanout(space, index)
     if method in ("zero_shot", "best_of_n"):

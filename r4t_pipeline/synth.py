@@ -113,7 +113,7 @@ def _score_chunk(scorer: FanoutScorer, chunk: pl.DataFrame, completions: list[li
             subqueries = list(parse_fanout(text, k).subqueries)
             if subqueries and len(subqueries) >= config.min_subqueries_fraction * k:
                 flat_q.append(query)
-                flat_sub.append(subqueries)
+                flat_sub.append(scorer.subqueries(query, subqueries))  # the texts the reward embeds
                 flat_ref.append(ref)
                 owner.append(i)
                 sample.append(s)

@@ -2,7 +2,14 @@
 
 import pytest
 
-from r4t_pipeline.fanout import ParsedFanout, build_messages, build_prompt_text, format_penalty, parse_fanout
+from r4t_pipeline.fanout import (
+    ParsedFanout,
+    build_messages,
+    build_prompt_text,
+    format_penalty,
+    parse_fanout,
+    with_query,
+)
 
 
 def test_messages_carry_query_and_k():
@@ -89,3 +96,12 @@ def test_format_penalty_formula(n_parsed, k, coef, expected):
     parsed = ParsedFanout(subqueries=tuple(f"q{i}" for i in range(min(n_parsed, k))), n_parsed=n_parsed,
                           unparseable=False)
     assert format_penalty(parsed, k, coef) == pytest.approx(expected)
+
+
+def test_with_query_prefixes_each_line_once():
+    lines = ["marni gold top", "Winter  Essentials coats", "winter essentialsx", "winter essentials"]
+    assert with_query(" winter  essentials ", lines) == [
+        "winter essentials marni gold top", "Winter  Essentials coats", "winter essentials winter essentialsx",
+        "winter essentials"]
+    assert with_query("winter essentials", with_query("winter essentials", lines)) == with_query("winter essentials",
+                                                                                                  lines)

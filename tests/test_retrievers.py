@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from r4t_pipeline import stack
+from r4t_pipeline.fanout import with_query
 from r4t_pipeline.retrievers import distinct_columns
 
 
@@ -16,21 +17,36 @@ def _retriever(smoke, regime: str, method: str):
 def test_every_method_returns_directions_candidates_and_a_merged_set(smoke, method):
     retriever = _retriever(smoke, "wscr", method)
     first_item = str(retriever.index.ids[0])
-    batch = retriever.retrieve(["bohemian festival style", "office essentials"], pool_size=40, seed=1,
-                               reference_ids=[[first_item], [first_item]])
+    queries = ["bohemian festival style", "office essentials"]
+    batch = retriever.retrieve(queries, pool_size=40, seed=1, reference_ids=[[first_item], [first_item]])
     assert len(batch.fanouts) == 2 and batch.fanout_seconds >= 0 and batch.search_seconds >= 0
-    for fanout in batch.fanouts:
+    for query, fanout in zip(queries, batch.fanouts):
         n = len(fanout.directions)
         assert fanout.directions.shape[1] == 128 and len(fanout.candidate_ids) == n
         assert all(len(ids) == -(-40 // n) for ids in fanout.candidate_ids)  # the pool split evenly
         np.testing.assert_allclose(np.linalg.norm(fanout.directions, axis=1), 1.0, atol=1e-4)
         assert len(fanout.merged) == len(set(fanout.merged)) <= 40 + n
         if method in ("zero_shot", "best_of_n", "r4t_folm"):
-            assert len(fanout.subqueries) == n
+            assert len(fanout.subqueries) == n and all(s.startswith(query) for s in fanout.subqueries)
     if method in ("r4t_diffusion", "supervised_diffusion"):
         assert all(len(f.directions) == smoke.settings.rewards.k for f in batch.fanouts)
     if method == "no_fanout":
         assert all(len(f.directions) == 1 for f in batch.fanouts)
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "r4t_folm"])
+def test_text_fanouts_read_the_lines_alone_when_the_reward_does(smoke, method):
+    """`prefix_query: false` in the regime's reward: the same sampled lines, without the query in front."""
+    rewards = smoke.settings.rewards.model_copy(update={"overrides": {"oar": {"prefix_query": False}}})
+    settings = smoke.settings.model_copy(update={"rewards": rewards})
+    _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "oar", [method])
+    queries = ["bohemian festival style", "office essentials"]
+    prefixed, written = (stack.build_retriever(s, "oar", method, artefacts).retrieve(queries, 20, seed=2).fanouts
+                         for s in (smoke.settings, settings))
+    for query, a, b in zip(queries, prefixed, written):
+        assert a.subqueries == with_query(query, b.subqueries) != b.subqueries
+        np.testing.assert_allclose(a.directions, stack.embedding_space(smoke.settings).encode_queries(a.subqueries),
+                                   atol=1e-5)
 
 
 def test_the_pool_is_filled_with_distinct_items_in_rounds():
@@ -71,9 +87,9 @@ def test_the_query_keeps_a_seat_as_the_first_direction(smoke, method):
                    for keep in (False, True))
     query_only = stack.build_retriever(smoke.settings, "oar", "no_fanout", artefacts)
     queries = ["bohemian festival style", "office essentials"]
-    without, with_query = (r.retrieve(queries, pool_size=30, seed=2).fanouts for r in (plain, kept))
+    without, with_seat = (r.retrieve(queries, pool_size=30, seed=2).fanouts for r in (plain, kept))
     own = plain.space.encode_queries(queries)
-    for query, vector, a, b in zip(queries, own, without, with_query):
+    for query, vector, a, b in zip(queries, own, without, with_seat):
         np.testing.assert_allclose(b.directions[0], vector, atol=1e-6)
         np.testing.assert_array_equal(b.directions[1:], a.directions)  # same seed, same fan-out
         alone = query_only.retrieve([query], pool_size=len(b.candidate_ids[0])).fanouts[0]

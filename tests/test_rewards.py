@@ -196,9 +196,10 @@ def hacking_fanouts(polyvore):
     return {"degenerate": [degenerate] * K, "paraphrases": PARAPHRASES, "grounded": GROUNDED}
 
 
-def scorer_for(polyvore, config: RewardConfig | str) -> FanoutScorer:
+def scorer_for(polyvore, config: RewardConfig | str, prefix_query: bool = False) -> FanoutScorer:
+    """The terms of SPEC §2 on the sub-queries as given (e_k = E_q(q_k)) unless `prefix_query`."""
     config = load_reward_preset(config) if isinstance(config, str) else config
-    return FanoutScorer(polyvore["space"], polyvore["index"], config)
+    return FanoutScorer(polyvore["space"], polyvore["index"], config.model_copy(update={"prefix_query": prefix_query}))
 
 
 def score_cases(polyvore, fanouts, preset: str) -> dict[str, dict[str, float]]:
@@ -274,7 +275,7 @@ def test_text_path_format_term_and_empty_parse(polyvore, hacking_fanouts):
 
 def test_group_is_encoded_in_one_call_with_repeats_cached(polyvore):
     space = CountingSpace(polyvore["space"].encoder, dim=128)
-    scorer = FanoutScorer(space, polyvore["index"], RewardConfig())
+    scorer = FanoutScorer(space, polyvore["index"], RewardConfig(prefix_query=False))
     group = ["\n".join(GROUNDED), "\n".join(GROUNDED[:5] + PARAPHRASES[:5]), "\n".join(reversed(GROUNDED)), ""]
     first = scorer([QUERY] * len(group), group)
     assert len(space.query_batches) == 1
@@ -283,6 +284,29 @@ def test_group_is_encoded_in_one_call_with_repeats_cached(polyvore):
     again = scorer([QUERY, QUERY], [group[0], "\n".join(PARAPHRASES)])
     assert space.query_batches[1] == PARAPHRASES[5:]  # only the new texts reach the encoder
     assert again[0] == pytest.approx(first[0])
+
+
+def test_prefixed_subqueries_carry_the_query_into_every_direction(polyvore):
+    """The default reward embeds "<query> <line>": item names that fit any intent (the same ten for two queries)
+    become specific to each query, and a line that already starts with its query is embedded as it is."""
+    space = CountingSpace(polyvore["space"].encoder, dim=128)
+    prefixed = FanoutScorer(space, polyvore["index"], RewardConfig())
+    other_query = "office wear for winter"
+    terms = prefixed([QUERY, other_query], ["\n".join(GROUNDED)] * 2)
+    assert sorted(space.query_batches[0]) == sorted({QUERY, other_query, *(f"{q} {line}" for q in (QUERY, other_query)
+                                                                          for line in GROUNDED)})
+    as_written = scorer_for(polyvore, "oar_default").score_subqueries([QUERY, other_query], [GROUNDED] * 2)
+    assert terms[0]["alignment"] > as_written[0]["alignment"] and terms[1]["alignment"] > as_written[1]["alignment"]
+    assert terms[0]["total"] != pytest.approx(terms[1]["total"], abs=1e-3)  # the same lines, two rewards
+    assert as_written[0]["groundedness"] == pytest.approx(as_written[1]["groundedness"], abs=1e-6)
+    query_vectors = polyvore["space"].encode_queries([QUERY, other_query])
+    written = [polyvore["space"].encode_queries(GROUNDED)] * 2
+    carried = [polyvore["space"].encode_queries(prefixed.subqueries(q, GROUNDED)) for q in (QUERY, other_query)]
+    assert query_specificity(written, query_vectors).mean() == pytest.approx(0.0, abs=1e-6)
+    assert (query_specificity(carried, query_vectors) > 0.1).all()
+    already = prefixed.subqueries(QUERY, GROUNDED)
+    assert prefixed.subqueries(QUERY, already) == already
+    assert prefixed.score_subqueries([QUERY], [already])[0] == pytest.approx(terms[0])
 
 
 def test_directions_path_matches_text_path_and_normalises(polyvore):

@@ -139,6 +139,11 @@ def with_query(query: str, lines: Iterable[str]) -> list[str]:
     return [line if carries_query(line) else f"{prefix} {line}" for line in lines]
 
 
+def fanout_subqueries(query: str, lines: Iterable[str], prefix_query: bool) -> list[str]:
+    """The sub-queries a fan-out's lines stand for: with the query in front (`with_query`) or the lines alone."""
+    return with_query(query, lines) if prefix_query else list(lines)
+
+
 def format_penalty(parsed: ParsedFanout, k: int, coef: float = 0.5) -> float:
     """SPEC §2: `-coef * |k - n_parsed| / k` (0 when exactly k distinct sub-queries were parsed)."""
     _check_k(k)

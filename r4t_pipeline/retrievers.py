@@ -16,7 +16,7 @@ import numpy as np
 
 from r4t_pipeline.config import FanoutSampling, SamplerName
 from r4t_pipeline.encoders import EmbeddingSpace
-from r4t_pipeline.fanout import parse_fanout, with_query
+from r4t_pipeline.fanout import fanout_subqueries, parse_fanout
 from r4t_pipeline.index import VectorIndex
 
 
@@ -160,11 +160,8 @@ class TextFanout(Retriever):
         completions = generate_fanouts(self.model, self.tokenizer, queries, self.k, num_samples, s.temperature,
                                        s.max_new_tokens, self.batch_size, seed, s.no_repeat_ngram_size,
                                        self.k if s.fill_k_lines else 0)
-        return [[self._subqueries(q, parse_fanout(c, self.k).subqueries) or [q] for c in group]
+        return [[fanout_subqueries(q, parse_fanout(c, self.k).subqueries, self.prefix_query) or [q] for c in group]
                 for q, group in zip(queries, completions)]
-
-    def _subqueries(self, query: str, lines: tuple[str, ...]) -> list[str]:
-        return with_query(query, lines) if self.prefix_query else list(lines)
 
     def directions(self, queries, seed, reference_ids=None):
         subqueries = [group[0] for group in self.sample_subqueries(queries, 1, seed)]

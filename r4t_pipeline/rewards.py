@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from r4t_pipeline.encoders import EmbeddingSpace, l2_normalize
-from r4t_pipeline.fanout import ParsedFanout, assets_dir, format_penalty, parse_fanout, with_query
+from r4t_pipeline.fanout import ParsedFanout, assets_dir, fanout_subqueries, format_penalty, parse_fanout
 from r4t_pipeline.index import VectorIndex
 
 Regime = Literal["oar", "wscr"]
@@ -244,7 +244,7 @@ class FanoutScorer:
 
     def subqueries(self, query: str, lines: Sequence[str]) -> list[str]:
         """The texts this reward embeds for a fan-out's lines (with the query in front where `prefix_query`)."""
-        return with_query(query, lines) if self.config.prefix_query else list(lines)
+        return fanout_subqueries(query, lines, self.config.prefix_query)
 
     def __call__(self, queries: list[str], completions: list[str], **columns) -> list[dict[str, float]]:
         """The FOLM trainer's reward_fn; WSCR reads the `reference_ids` column, other columns are ignored."""

@@ -181,7 +181,8 @@ def training_reward(retriever: Retriever, scorer, queries: list[str], reference_
         terms = scorer.score_subqueries(queries, subqueries, reference_ids)
     else:
         terms = scorer.score_directions(scorer.embed_texts(queries), np.stack(directions), reference_ids)
-    return {name: float(np.mean([t[name] for t in terms])) for name in terms[0]}
+    defined = {name: [t[name] for t in terms if np.isfinite(t[name])] for name in terms[0]}  # NaN: undefined there
+    return {name: float(np.mean(values)) for name, values in defined.items() if values}
 
 
 def _sample(frame, max_queries: int | None, seed: int):

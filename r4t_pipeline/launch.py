@@ -53,11 +53,12 @@ def prepare_folm(run_dir: Path, settings, regime: str, index_path: str, base: st
 
 def folm_metadata(result, window: int = 5) -> dict[str, float | int]:
     """Steps, speed, memory and the learning curve in two numbers per quantity: its first and last `window`-step
-    means."""
+    means (over the steps where it is defined: query specificity needs two queries in a step's batch)."""
     keys = sorted({k for row in result.history for k in row})
-    curve = {f"{k}_{tag}": round(float(np.mean([r[k] for r in rows if k in r])), 4)
-             for k in keys for tag, rows in (("first", result.history[:window]), ("last", result.history[-window:]))
-             if any(k in r for r in rows)}
+    windows = {"first": result.history[:window], "last": result.history[-window:]}
+    values = {(k, tag): [r[k] for r in rows if np.isfinite(r.get(k, np.nan))] for k in keys
+              for tag, rows in windows.items()}
+    curve = {f"{k}_{tag}": round(float(np.mean(v)), 4) for (k, tag), v in values.items() if v}
     return {"steps": result.steps, "resumed_from_step": result.resumed_from_step,
             "seconds_per_step": round(result.seconds_per_step, 3), "peak_rss_mb": round(result.peak_rss_mb), **curve}
 

@@ -259,13 +259,16 @@ class FanoutScorer:
         vectors = self.embed_texts([queries[i] for i in scored] + [s for group in subqueries for s in group])
         query_vectors, sub_vectors = vectors[:len(scored)], vectors[len(scored):]
         bounds = itertools.pairwise(np.cumsum([0] + [len(group) for group in subqueries]))
-        terms = self._score_fanouts(query_vectors, [sub_vectors[a:b] for a, b in bounds],
+        fanouts = [sub_vectors[a:b] for a, b in bounds]
+        terms = self._score_fanouts(query_vectors, fanouts,
                                     None if reference_ids is None else [reference_ids[i] for i in scored])
+        # not a reward term (weight 0 in GRPO, which logs it): whether the lines depend on their query at all
+        specific = query_specificity(fanouts, query_vectors, [queries[i] for i in scored]) if scored else []
         results = [self._empty_parse_terms() for _ in parsed]
-        for i, t in zip(scored, terms):
+        for i, t, q in zip(scored, terms, specific):
             fmt = self.config.format_term(parsed[i])
             results[i] = {**t, "format": fmt, "n_subqueries": float(len(parsed[i].subqueries)),
-                          "total": t["composite"] + fmt}
+                          "query_specificity": float(q), "total": t["composite"] + fmt}
         return results
 
     def _empty_parse_terms(self) -> dict[str, float]:
@@ -273,7 +276,7 @@ class FanoutScorer:
         shown = OAR_TERMS + (WSCR_TERMS if self.config.regime == "wscr" else ())
         terms = {name: TERM_LOWER_BOUNDS[name] for name in shown}
         return {**terms, "composite": float(self.config.composite(terms)), "format": -self.config.format_coef,
-                "n_subqueries": 0.0, "total": self.config.empty_parse_reward}
+                "n_subqueries": 0.0, "query_specificity": float("nan"), "total": self.config.empty_parse_reward}
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """E_q of all texts with one encoder call for those not in the in-memory LRU cache."""

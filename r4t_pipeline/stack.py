@@ -142,7 +142,9 @@ def _retriever(settings: Settings, regime: str, method: str, artefacts: Retrieve
         model, tokenizer = load_folm(_required(artefacts.base_folm, "folm_base"))
         if method == "zero_shot":
             return ZeroShotFanout(space, index, model, tokenizer, **text_kwargs)
-        selection = FanoutScorer(space, index, reward_config(settings, "oar"))  # reference-free in both regimes
+        # reference-free in both regimes (the OAR terms), over the texts this regime's retrievers embed
+        selection = FanoutScorer(space, index, reward_config(settings, "oar").model_copy(
+            update={"prefix_query": text_kwargs["prefix_query"]}))
         return BestOfN(space, index, model, tokenizer, scorer=selection, n=settings.evaluation.best_of_n,
                        **text_kwargs)
     if method == "r4t_folm":

@@ -137,7 +137,8 @@ def _score_chunk(scorer: FanoutScorer, chunk: pl.DataFrame, completions: list[li
         if regime == "oar":
             _, top1 = scorer.index.search(sub_vectors, 1)
             sub_vectors = scorer.index.vectors[top1[:, 0]]
-        term_columns = {f"reward_{name}": float(v) for name, v in terms[j].items() if name != "total"}
+        term_columns = {f"reward_{name}": float(v) for name, v in terms[j].items()
+                        if name not in ("total", "query_specificity")}  # the targets' own is in the summary
         rows.append({"query_id": query_ids[owner[j]], "query": flat_q[j], "sample_index": sample[j],
                      "subqueries": flat_sub[j][:k], "reward_total": float(totals[j]), **term_columns,
                      "folm_checkpoint": folm_checkpoint, "query_embedding": query_vectors[owner[j]],

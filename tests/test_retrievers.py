@@ -49,6 +49,17 @@ def test_text_fanouts_read_the_lines_alone_when_the_reward_does(smoke, method):
                                    atol=1e-5)
 
 
+def test_best_of_n_selects_over_the_texts_its_regime_embeds(smoke):
+    """The selection reads the OAR reward's terms in both regimes, but the regime's own `prefix_query`."""
+    rewards = smoke.settings.rewards.model_copy(update={"overrides": {"wscr": {"prefix_query": False}}})
+    settings = smoke.settings.model_copy(update={"rewards": rewards})
+    _, artefacts = stack.latest_artefacts(smoke.settings, "polyvore", "wscr", ["best_of_n"])
+    for current, prefixed in ((smoke.settings, True), (settings, False)):
+        retriever = stack.build_retriever(current, "wscr", "best_of_n", artefacts)
+        assert retriever.prefix_query is prefixed and retriever.scorer.config.prefix_query is prefixed
+        assert retriever.scorer.config.regime == "oar"
+
+
 def test_the_pool_is_filled_with_distinct_items_in_rounds():
     # three directions over items 0-5; 0 and 1 lead two lists each
     ranked = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 3, 2, 5, 4], [4, 0, 1, 5, 2, 3]])

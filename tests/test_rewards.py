@@ -283,7 +283,7 @@ def test_group_is_encoded_in_one_call_with_repeats_cached(polyvore):
     assert first[0]["total"] == pytest.approx(first[2]["total"], abs=1e-6)  # rows of a fan-out carry no order
     again = scorer([QUERY, QUERY], [group[0], "\n".join(PARAPHRASES)])
     assert space.query_batches[1] == PARAPHRASES[5:]  # only the new texts reach the encoder
-    assert again[0] == pytest.approx(first[0])
+    assert again[0] == pytest.approx(first[0], nan_ok=True)  # one query: no specificity (NaN)
 
 
 def test_prefixed_subqueries_carry_the_query_into_every_direction(polyvore):
@@ -304,9 +304,15 @@ def test_prefixed_subqueries_carry_the_query_into_every_direction(polyvore):
     carried = [polyvore["space"].encode_queries(prefixed.subqueries(q, GROUNDED)) for q in (QUERY, other_query)]
     assert query_specificity(written, query_vectors).mean() == pytest.approx(0.0, abs=1e-6)
     assert (query_specificity(carried, query_vectors) > 0.1).all()
+    # the scorer reports it beside the terms (GRPO logs it): over the batch's other query, as by hand
+    np.testing.assert_allclose([t["query_specificity"] for t in terms], query_specificity(carried, query_vectors),
+                               atol=1e-5)
+    assert sum(t["query_specificity"] for t in as_written) == pytest.approx(0.0, abs=1e-5)  # mean 0: same lines
     already = prefixed.subqueries(QUERY, GROUNDED)
     assert prefixed.subqueries(QUERY, already) == already
-    assert prefixed.score_subqueries([QUERY], [already])[0] == pytest.approx(terms[0])
+    alone = prefixed.score_subqueries([QUERY], [already])[0]
+    assert math.isnan(alone.pop("query_specificity"))  # one query: nothing to compare with
+    assert alone == pytest.approx({k: v for k, v in terms[0].items() if k != "query_specificity"})
 
 
 def test_directions_path_matches_text_path_and_normalises(polyvore):

@@ -129,7 +129,9 @@ def reward_functions(reward_fn: RewardFn, terms: list[str], columns: list[str]) 
 
 def _history_row(logs: dict[str, float], terms: list[str], num_iterations: int) -> dict[str, float]:
     """One GRPO step's TRL log (`logging_steps = num_iterations`) in the names the rest of the project reads."""
-    row = {f"reward/{name}": logs[f"rewards/{name}/mean"] for name in ["total", *terms]}
+    # TRL logs None for a term undefined on every completion of the step (query specificity with one query parsed)
+    row = {f"reward/{name}": logs[f"rewards/{name}/mean"] for name in ["total", *terms]
+           if logs[f"rewards/{name}/mean"] is not None}
     row |= {name: logs[name] for name in ("loss", "grad_norm", "kl_forward", "kl_reverse", "clip_fraction")}
     return row | {"completion_tokens": logs["completions/mean_length"],
                   "seconds": logs["step_time"] * num_iterations}

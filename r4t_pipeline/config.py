@@ -135,6 +135,11 @@ class DiffusionTrainConfig(BaseModel):
     cfg_drop_prob: float = Field(0.1, ge=0, le=1)
     noise: NoiseSchedule = NoiseSchedule()
     permute_rows: bool = True  # the paper's augmentation: a set has no row order
+    # True: the network generates each row as its offset from the condition (target - condition), which sampling adds
+    # back. A fan-out's directions lie near their query (a sub-query carrying it, an item it reaches); generating
+    # the offsets, a denoiser trained on a few hundred queries follows a new one instead of the ones it saw. Needs
+    # one condition vector per set, of the targets' dimension (not MO-DiT's seed sequences).
+    query_residual: bool = False
     seed: int = 0
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)

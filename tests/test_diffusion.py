@@ -287,3 +287,24 @@ def test_new_targets_retrain_instead_of_returning_the_old_model(tmp_path):
     same = train_diffusion(targets, conditions, cfg, tc, tmp_path / "ckpt")
     changed = train_diffusion(targets + 0.5, conditions, cfg, tc, tmp_path / "ckpt")
     assert (first.steps_run, same.steps_run, changed.steps_run) == (3, 0, 3)
+
+
+def test_a_query_residual_model_follows_conditions_it_was_not_trained_on(tmp_path):
+    """Each set is its condition moved by the same three offsets (as "<query> shoes", "<query> bag", ... move the
+    query): generating the offsets, the model puts an unseen condition's set where it belongs; generating the rows
+    themselves, it falls back on the sets it was trained on."""
+    offsets = 0.5 * unit_vectors(ROWS, DIM, seed=3).numpy()
+    seen, unseen = unit_vectors(32, DIM, seed=4).numpy(), unit_vectors(8, DIM, seed=5).numpy()
+    cfg = DenoiserConfig.preset("smoke", dim=DIM, cond_dim=DIM)
+    median = {}
+    for residual in (True, False):
+        tc = DiffusionTrainConfig(steps=300, batch_size=64, lr=5e-3, warmup_steps=20, ema_decay=0.99,
+                                  query_residual=residual)
+        path = train_diffusion(seen[:, None] + offsets, seen, cfg, tc, tmp_path / f"residual_{residual}").checkpoint_dir
+        assert json.loads((path / "config.json").read_text())["train"]["query_residual"] is residual
+        samples = DiffusionRetrieverModel.load(path, "cpu").sample(unseen, steps=16, guidance=0.0, normalize=False)
+        median[residual] = np.median([set_distance(s, t) for s, t in zip(samples, unseen[:, None] + offsets)])
+    assert median[True] < 0.25 and median[True] < median[False] / 2, median
+    with pytest.raises(ValueError, match="query_residual: the conditions must be one vector per set"):
+        train_diffusion(seen[:, None] + offsets, seen[:, None], cfg, tc.model_copy(update={"query_residual": True}),
+                        tmp_path / "seeds")

@@ -28,6 +28,17 @@ def test_section_versions_follow_their_config():
     assert base.encoder.version() == changed.encoder.version()
 
 
+def test_r4t_denoisers_generate_offsets_from_the_query_unless_told_not_to():
+    for profile in ("smoke", "demo", "quality", "paper"):
+        settings = load_settings(profile, config_path=os.devnull)
+        assert settings.diffusion.train.query_residual, profile
+        assert not settings.modit.raw.query_residual  # MO-DiT conditions on seed sequences
+    absolute = load_settings("smoke", config_path=os.devnull,
+                             overrides={"diffusion": {"train": {"query_residual": False}}})
+    assert not absolute.diffusion.train.query_residual
+    assert absolute.diffusion.version() != load_settings("smoke", config_path=os.devnull).diffusion.version()
+
+
 def test_bad_settings_are_rejected_in_one_line(tmp_path):
     with pytest.raises(SettingsError, match="unknown profile 'huge'"):
         load_settings("huge", config_path=os.devnull)

@@ -143,6 +143,11 @@ def train_diffusion(
     started = time.perf_counter()
     targets, conditions, condition_mask = _validated_inputs(targets, conditions, condition_mask, denoiser_config)
     tc = train_config
+    if tc.query_residual:
+        if conditions.ndim != 2 or conditions.shape[1] != targets.shape[2]:
+            raise ValueError(f"query_residual: the conditions must be one vector per set of the targets' dimension "
+                             f"({targets.shape[0]}, {targets.shape[2]}), got {conditions.shape}")
+        targets = targets - conditions[:, None, :]  # the network learns the offsets; `sample` adds the condition
     out_dir = Path(out_dir)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     accelerator = Accelerator(cpu=resolve_device(tc.device).type == "cpu")
@@ -319,10 +324,11 @@ class _PrecondInputs(torch.nn.Module):
 class DiffusionRetrieverModel:
     """A trained checkpoint ready to sample sets of K rows given conditions."""
 
-    def __init__(self, precond: EDMPrecond, noise: NoiseSchedule, num_rows: int):
+    def __init__(self, precond: EDMPrecond, noise: NoiseSchedule, num_rows: int, query_residual: bool = False):
         self.precond = precond.eval()
         self.noise = noise
         self.num_rows = num_rows
+        self.query_residual = query_residual  # the network generates offsets from the condition
         self.network: EDMPrecond | OnnxPrecond = self.precond  # what `sample` calls
 
     @property
@@ -342,7 +348,8 @@ class DiffusionRetrieverModel:
             raise ValueError(f"{path / 'config.json'}: format is {config.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
         precond = EDMPrecond(SetDenoiser(DenoiserConfig(**config["denoiser"])), config["sigma_data"])
         precond.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-        model = cls(precond.to(device), NoiseSchedule(**config["noise"]), config["num_rows"])
+        model = cls(precond.to(device), NoiseSchedule(**config["noise"]), config["num_rows"],
+                    config["train"].get("query_residual", False))
         if onnx_dir is not None:
             model.network = OnnxPrecond(model.precond, onnx_dir)
         return model
@@ -361,7 +368,8 @@ class DiffusionRetrieverModel:
         normalize: bool = True,
         batch_size: int = 1024,
     ) -> np.ndarray:
-        """Sample (B, K, d) given conditions (B, d_c) or (B, L, d_c); rows L2-normalised unless normalize=False.
+        """Sample (B, K, d) given conditions (B, d_c) or (B, L, d_c); rows L2-normalised unless normalize=False
+        (a `query_residual` model's offsets come back added to their condition).
 
         The same seed (and batch_size) gives identical samples on the same device.
         """
@@ -387,4 +395,6 @@ class DiffusionRetrieverModel:
                 )
             )
         samples = torch.cat(chunks)
+        if self.query_residual:
+            samples = samples + cond[:, None, :]
         return (F.normalize(samples, dim=-1) if normalize else samples).cpu().numpy()

@@ -35,7 +35,7 @@ from r4t_pipeline.io import write_json
 from r4t_pipeline.methods import KEPT_QUERY
 from r4t_pipeline.retrievers import RetrievalBatch, Retriever
 from r4t_pipeline.rewards import query_specificity
-from r4t_pipeline.stats import mean_and_error
+from r4t_pipeline.stats import defined_means, mean_and_error
 from r4t_pipeline.tracking import NamedLogFn
 
 METRICS_FILE = "metrics.json"  # what `run_evaluation` returns, as the evaluation asset writes it
@@ -181,8 +181,7 @@ def training_reward(retriever: Retriever, scorer, queries: list[str], reference_
         terms = scorer.score_subqueries(queries, subqueries, reference_ids)
     else:
         terms = scorer.score_directions(scorer.embed_texts(queries), np.stack(directions), reference_ids)
-    defined = {name: [t[name] for t in terms if np.isfinite(t[name])] for name in terms[0]}  # NaN: undefined there
-    return {name: float(np.mean(values)) for name, values in defined.items() if values}
+    return defined_means(terms)
 
 
 def _sample(frame, max_queries: int | None, seed: int):

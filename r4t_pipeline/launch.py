@@ -25,6 +25,7 @@ import numpy as np
 from r4t_pipeline.config import DiffusionTrainConfig, FolmTrainConfig
 from r4t_pipeline.diffusion.denoiser import DenoiserConfig
 from r4t_pipeline.io import atomic_dir
+from r4t_pipeline.stats import defined_means
 from r4t_pipeline.tracking import LogFn, MlflowRun
 
 INPUTS, RUN = "inputs.npz", "run.json"
@@ -54,11 +55,9 @@ def prepare_folm(run_dir: Path, settings, regime: str, index_path: str, base: st
 def folm_metadata(result, window: int = 5) -> dict[str, float | int]:
     """Steps, speed, memory and the learning curve in two numbers per quantity: its first and last `window`-step
     means (over the steps where it is defined: query specificity needs two queries in a step's batch)."""
-    keys = sorted({k for row in result.history for k in row})
-    windows = {"first": result.history[:window], "last": result.history[-window:]}
-    values = {(k, tag): [r[k] for r in rows if np.isfinite(r.get(k, np.nan))] for k in keys
-              for tag, rows in windows.items()}
-    curve = {f"{k}_{tag}": round(float(np.mean(v)), 4) for (k, tag), v in values.items() if v}
+    curve = dict(sorted((f"{k}_{tag}", round(mean, 4)) for tag, rows in
+                        (("first", result.history[:window]), ("last", result.history[-window:]))
+                        for k, mean in defined_means(rows).items()))
     return {"steps": result.steps, "resumed_from_step": result.resumed_from_step,
             "seconds_per_step": round(result.seconds_per_step, 3), "peak_rss_mb": round(result.peak_rss_mb), **curve}
 

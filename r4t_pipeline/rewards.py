@@ -263,7 +263,7 @@ class FanoutScorer:
         terms = self._score_fanouts(query_vectors, fanouts,
                                     None if reference_ids is None else [reference_ids[i] for i in scored])
         # not a reward term (weight 0 in GRPO, which logs it): whether the lines depend on their query at all
-        specific = query_specificity(fanouts, query_vectors, [queries[i] for i in scored]) if scored else []
+        specific = query_specificity(fanouts, query_vectors, [queries[i] for i in scored])
         results = [self._empty_parse_terms() for _ in parsed]
         for i, t, q in zip(scored, terms, specific):
             fmt = self.config.format_term(parsed[i])

@@ -194,7 +194,7 @@ SAMPLING_FIELDS = {"sampler", "sampler_steps", "guidance"}
 class DiffusionSettings(Section):
     denoiser_preset: Literal["smoke", "demo", "paper"] = "demo"
     denoiser_overrides: dict[str, int | float] = Field(default_factory=dict)
-    train: DiffusionTrainConfig = DiffusionTrainConfig(query_residual=True)
+    train: DiffusionTrainConfig = Field(default_factory=dict, validate_default=True)  # see the validator
     sampler: SamplerName = "heun"
     sampler_steps: int | None = None
     guidance: float = 0.1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from r4t_pipeline.methods import ALIASES, METHODS
 from r4t_pipeline.modit.config import METHOD_LABELS as MODIT_METHODS
-from r4t_pipeline.settings import Settings, load_settings
+from r4t_pipeline.settings import PROFILES, Settings, load_settings
 
 
 class UsageError(Exception):
@@ -160,7 +160,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r4t", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default=None, help="smoke | demo | paper (default: $R4T_PROFILE or demo)")
+    parser.add_argument("--profile", default=None, help=f"{' | '.join(PROFILES)} (default: $R4T_PROFILE or demo)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -451,6 +451,11 @@ class SettingsError(ValueError):
     """A deployment YAML or override that cannot be used; the message names the file and the field."""
 
 
+def validation_problems(err: ValidationError) -> str:
+    """Each field pydantic rejected, by its dotted path, with the reason."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+
+
 def _read_deployment(path: Path, explicit: bool) -> dict:
     if not path.exists():
         if explicit:
@@ -494,5 +499,4 @@ def load_settings(profile: str | None = None, config_path: str | os.PathLike | N
     try:
         return Settings.model_validate({**merged, "profile": name})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
-        raise SettingsError(f"{path if deployment else 'settings'}: {problems}") from None
+        raise SettingsError(f"{path if deployment else 'settings'}: {validation_problems(err)}") from None

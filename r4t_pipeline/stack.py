@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, Encoder, build_encoder
 from r4t_pipeline.index import VectorIndex
 from r4t_pipeline.io import file_sha256
@@ -24,7 +26,7 @@ from r4t_pipeline.retrievers import (
     ZeroShotFanout,
 )
 from r4t_pipeline.rewards import FanoutScorer, RewardConfig, load_reward_preset
-from r4t_pipeline.settings import Settings
+from r4t_pipeline.settings import Settings, validation_problems
 
 _ENCODERS: dict[tuple, Encoder] = {}
 _SPACES: dict[tuple, EmbeddingSpace] = {}
@@ -58,11 +60,18 @@ def onnx_dir(settings: Settings) -> str | None:
 
 
 def reward_config(settings: Settings, regime: str) -> RewardConfig:
-    preset = load_reward_preset(settings.rewards.presets[regime])
-    if preset.regime != regime:
-        raise ValueError(f"reward preset {settings.rewards.presets[regime]!r} is for regime {preset.regime!r}, "
+    name = settings.rewards.presets[regime]
+    overrides = settings.rewards.overrides.get(regime, {})
+    try:  # validated, not model_copy(update=): a misspelt field or a weight such as "1/3" must not pass unnoticed
+        config = RewardConfig.model_validate({**load_reward_preset(name).model_dump(), **overrides,
+                                              "k": settings.rewards.k})
+    except ValidationError as err:
+        raise ValueError(f"reward preset {name!r} with rewards.overrides.{regime}: {validation_problems(err)}"
+                         ) from None
+    if config.regime != regime:
+        raise ValueError(f"reward preset {name!r} with rewards.overrides.{regime} is for regime {config.regime!r}, "
                          f"not {regime!r}")
-    return preset.model_copy(update={**settings.rewards.overrides.get(regime, {}), "k": settings.rewards.k})
+    return config
 
 
 def reward_version(settings: Settings, regime: str) -> tuple[dict, str]:

@@ -144,6 +144,25 @@ def test_presets_load_and_unknown_names_fail(tmp_path):
         load_reward_preset(bad)
 
 
+def test_reward_overrides_are_validated_like_the_preset():
+    from r4t_pipeline.settings import load_settings
+    from r4t_pipeline.stack import reward_config
+
+    def with_oar(overrides: dict):
+        return reward_config(load_settings("smoke", config_path=os.devnull,
+                                           overrides={"rewards": {"overrides": {"oar": overrides}}}), "oar")
+
+    tuned = with_oar({"w_groundedness": 0.4, "w_diversity": "0.4"})  # a quoted YAML number is still a number
+    assert (tuned.w_groundedness, tuned.w_diversity, tuned.w_alignment) == (0.4, 0.4, 0.2)
+    assert isinstance(tuned.w_diversity, float)
+    with pytest.raises(ValueError, match=r"rewards\.overrides\.oar: w_grondedness: Extra inputs"):
+        with_oar({"w_grondedness": 0.4})
+    with pytest.raises(ValueError, match=r"w_groundedness: Input should be a valid number"):
+        with_oar({"w_groundedness": "1/3"})
+    with pytest.raises(ValueError, match="is for regime 'wscr', not 'oar'"):
+        with_oar({"regime": "wscr"})
+
+
 # ---- a real Polyvore database --------------------------------------------------------------------
 
 class CountingSpace(EmbeddingSpace):

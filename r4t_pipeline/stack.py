@@ -142,7 +142,7 @@ def build_retriever(settings: Settings, regime: str, method: str, artefacts: Ret
 def _retriever(settings: Settings, regime: str, method: str, artefacts: RetrieverArtefacts, sampler: str | None,
                steps: int | None, cached: bool) -> Retriever:
     space, index = embedding_space(settings, cached=cached, queries=True), VectorIndex.load(artefacts.index)
-    k, train = settings.rewards.k, settings.folm.train
+    k, train = settings.rewards.k, settings.folm.train_for(regime)
     text_kwargs = {"k": k, "sampling": train, "batch_size": train.generation_batch_size,
                    "prefix_query": reward_config(settings, regime).prefix_query}
     if method == "no_fanout":

@@ -167,6 +167,9 @@ CODE_VERSION_CASES = {
     "reward weight": (REWARD_CHANGE, {"polyvore/oar/folm_checkpoint", "polyvore/oar/synthetic_targets",
                                       "polyvore/oar/evaluation"}),  # its validation reward and Best-of-N read it
     "RL steps": ({"folm": {"train": {"steps": 3}}}, {"polyvore/oar/folm_checkpoint"}),
+    "RL rate of one regime": ({"folm": {"train_overrides": {"oar": {"learning_rate": 1e-3}}}},
+                              {"polyvore/oar/folm_checkpoint"}),
+    "override restating the shared value": ({"folm": {"train_overrides": {"oar": {"steps": 1}}}}, set()),
     "synthesis": ({"synth": {"samples_per_query": 3}}, {"polyvore/oar/synthetic_targets"}),
     "diffusion steps": ({"diffusion": {"train": {"steps": 3}}},
                         {"polyvore/oar/diffusion_checkpoint", "polyvore/supervised_diffusion"}),

@@ -70,4 +70,21 @@ def test_typed_lines_need_decoding_that_may_repeat_the_title():
         load_settings("smoke", config_path=os.devnull, overrides={"folm": {"sft_lines": "typed"}})
     typed = load_settings("smoke", config_path=os.devnull,
                           overrides={"folm": {"sft_lines": "typed", "train": {"no_repeat_ngram_size": 0}}})
-    assert typed.folm.version() != load_settings("smoke", config_path=os.devnull).folm.version()
+    assert typed.folm.version("oar") != load_settings("smoke", config_path=os.devnull).folm.version("oar")
+
+
+def test_a_regime_trains_with_its_own_overrides_and_the_other_keeps_its_version():
+    def folm(overrides: dict):
+        return load_settings("smoke", config_path=os.devnull, overrides={"folm": overrides}).folm
+
+    shared, tuned = folm({}), folm({"train_overrides": {"oar": {"learning_rate": "3e-4"}}})
+    assert tuned.train_for("oar").learning_rate == 3e-4 and tuned.train_for("wscr") == shared.train
+    assert tuned.version("wscr") == shared.version("wscr") and tuned.version("oar") != shared.version("oar")
+    assert (folm({"train": {"learning_rate": 3e-4}}).version("oar") == tuned.version("oar")), \
+        "the version follows the configuration the regime trains with, not where it was written"
+    with pytest.raises(ValueError, match=r"folm\.train_overrides\.oar: learning_rat: Extra inputs"):
+        folm({"train_overrides": {"oar": {"learning_rat": 3e-4}}})
+    with pytest.raises(ValueError, match=r"folm\.train_overrides\.wscr: steps: Input should be greater than"):
+        folm({"train_overrides": {"wscr": {"steps": 0}}})
+    with pytest.raises(ValueError, match="train_overrides"):
+        folm({"train_overrides": {"oaar": {"steps": 2}}})

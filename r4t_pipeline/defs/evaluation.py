@@ -46,7 +46,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
               # the validation reward is the regime's; Best-of-N selects by the reference-free OAR reward
               code_version=code_version(settings.evaluation.version(), settings.diffusion.sampling(),
-                                        settings.folm.decoding(), settings.query_runtime, RESULT_VERSION,
+                                        settings.folm.decoding(regime), settings.query_runtime, RESULT_VERSION,
                                         reward_version(settings, regime), reward_version(settings, "oar")),
               description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
                           f"supervised anchor) on the {name} {regime.upper()} test split.")
@@ -98,7 +98,7 @@ def report_assets(settings: Settings, names: list[str]) -> list:
     @dg.asset(key=["latency_benchmark"], group_name="evaluation", kinds={"json"},
               ins={k: v for n in names for k, v in _stage_ins(n, regime, prefix=f"{n}__").items()},
               code_version=code_version(cfg.latency_batch_sizes, cfg.latency_repeats, cfg.latency_budget_seconds,
-                                        settings.diffusion.sampling(), settings.folm.decoding(),
+                                        settings.diffusion.sampling(), settings.folm.decoding(regime),
                                         cfg.serve_concurrency, cfg.serve_requests,
                                         settings.serve.model_dump(mode="json"), settings.query_runtime),
               description=f"Fan-out latency per batch size of every method on this machine, per catalog "

@@ -22,7 +22,8 @@ def folm_base_asset(settings: Settings, name: str):
     @dg.asset(key=[name, "folm_base"], group_name=name, kinds={"pytorch"},
               ins={"catalog": dg.AssetIn(key=[name, "catalog"]),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"])},
-              code_version=code_version(cfg.model_dump(mode="json", exclude={"max_train_queries", "train"}),
+              code_version=code_version(cfg.model_dump(mode="json",
+                                                       exclude={"max_train_queries", "train", "train_overrides"}),
                                         settings.rewards.k),
               description="The zero-shot fan-out LM: the pretrained base model (LoRA) or a small LM trained here "
                           "(bootstrap), warm-started on the training split's (set title -> a line per item: its name, "
@@ -83,7 +84,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
               ins={"folm_base": dg.AssetIn(key=[name, "folm_base"]),
                    "broad_queries": dg.AssetIn(key=[name, "broad_queries"]),
                    "embedding_index": dg.AssetIn(key=[name, "embedding_index"])},
-              code_version=code_version(settings.folm.version(), *reward_version, training_queries),
+              code_version=code_version(settings.folm.version(regime), *reward_version, training_queries),
               description=f"Stage 1: the FOLM tuned by GRPO + soft-PPO on the {regime.upper()} reward.")
     @retry_transient
     def folm_checkpoint(context: dg.AssetExecutionContext, mlflow: MlflowTracking, folm_base: ModelRecord,
@@ -93,7 +94,7 @@ def stage_assets(settings: Settings, name: str, regime: str) -> list:
         if reused := production.reuse():
             return reused
         rows = stack.folm_train_rows(settings, broad_queries.path, regime)
-        config = settings.folm.train.model_copy(update={"k": reward.k})
+        config = settings.folm.train_for(regime).model_copy(update={"k": reward.k})
         with mlflow.run(f"{name}/{regime}/folm_checkpoint",
                         params={**config.model_dump(), **{f"reward_{k}": v for k, v in reward.model_dump().items()},
                                 "base": folm_base.model}) as run:

@@ -20,6 +20,9 @@ class TinyLMSize(BaseModel):
     max_positions: int = Field(512, ge=64)
 
 
+# The two task regimes (SPEC §1): open-ended (reference-free) and with a reference set to cover.
+Regime = Literal["oar", "wscr"]
+
 # What a warm-start line says about one item of a training set (see `folm.sft.warm_start_lines`).
 SftLines = Literal["item_names", "typed"]
 

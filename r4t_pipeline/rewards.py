@@ -12,17 +12,16 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from r4t_pipeline.config import Regime
 from r4t_pipeline.encoders import EmbeddingSpace, l2_normalize
 from r4t_pipeline.fanout import ParsedFanout, assets_dir, fanout_subqueries, format_penalty, parse_fanout
 from r4t_pipeline.index import VectorIndex
 
-Regime = Literal["oar", "wscr"]
 OAR_TERMS = ("groundedness", "diversity", "alignment")
 WSCR_TERMS = ("coverage", "soft_coverage")
 # Lowest value each term can take on unit vectors (diversity = VS/K > 0); the empty-parse reward uses them.

@@ -35,11 +35,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from r4t_pipeline.config import Regime
 from r4t_pipeline.records import ArtefactMismatch, Record, RecordStore
 from r4t_pipeline.settings import Settings
 
 log = logging.getLogger("r4t.serve")
-Regime = Literal["oar", "wscr"]
 
 
 class ApiError(Exception):

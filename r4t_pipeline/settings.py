@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,7 @@ from r4t_pipeline.config import (
     DiffusionTrainConfig,
     FolmTrainConfig,
     QueryRuntime,
+    Regime,
     SamplerName,
     SamplerSetting,
     SftLines,
@@ -36,7 +37,6 @@ from r4t_pipeline.methods import FANOUT_METHODS
 from r4t_pipeline.modit.config import MODIT_PROFILES, ModitConfig, default_tasks
 from r4t_pipeline.paths import REPO_ROOT
 
-Regime = Literal["oar", "wscr"]
 CATALOG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # an asset-key prefix and a Dagster group name
 PROFILE_ENV, CONFIG_ENV = "R4T_PROFILE", "R4T_CONFIG"
 
@@ -191,7 +191,7 @@ class FolmSettings(Section):
 
     @model_validator(mode="after")
     def _typed_lines_can_repeat_the_title(self) -> FolmSettings:
-        for regime in ("oar", "wscr"):  # train_for also names a bad override when the settings load
+        for regime in get_args(Regime):  # train_for also names a bad override when the settings load
             repeat = self.train_for(regime).no_repeat_ngram_size
             if self.sft_lines == "typed" and repeat:
                 raise ValueError(f"sft_lines 'typed' repeats the query on every line: set folm.train."

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,6 +39,21 @@ from r4t_pipeline.paths import REPO_ROOT
 
 CATALOG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # an asset-key prefix and a Dagster group name
 PROFILE_ENV, CONFIG_ENV = "R4T_PROFILE", "R4T_CONFIG"
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validation_problems(err: ValidationError) -> str:
+    """Each field pydantic rejected, by its dotted path, with the reason."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+
+
+def with_overrides(model: ModelT, overrides: dict, where: str) -> ModelT:
+    """`model` with some fields replaced, validated like the model itself (not `model_copy(update=)`: a misspelt
+    field or a number such as "1/3" must not pass unnoticed); the error names `where` and each rejected field."""
+    try:
+        return type(model).model_validate({**model.model_dump(), **overrides})
+    except ValidationError as err:
+        raise ValueError(f"{where}: {validation_problems(err)}") from None
 
 
 class Section(BaseModel):
@@ -173,11 +188,8 @@ class FolmSettings(Section):
                                           "stay fresh")
 
     def train_for(self, regime: str) -> FolmTrainConfig:
-        """`train` with the regime's overrides, validated like `train` (a misspelt field must not pass unnoticed)."""
-        try:
-            return FolmTrainConfig.model_validate({**self.train.model_dump(), **self.train_overrides.get(regime, {})})
-        except ValidationError as err:
-            raise ValueError(f"folm.train_overrides.{regime}: {validation_problems(err)}") from None
+        """`train` with the regime's overrides."""
+        return with_overrides(self.train, self.train_overrides.get(regime, {}), f"folm.train_overrides.{regime}")
 
     def version(self, regime: str) -> str:
         """What the regime's training reads: the constrained decoding moves the text retrievers, not the
@@ -190,8 +202,10 @@ class FolmSettings(Section):
         return self.train_for(regime).model_dump(mode="json", include=CONSTRAINED_DECODING_FIELDS)
 
     @model_validator(mode="after")
-    def _typed_lines_can_repeat_the_title(self) -> FolmSettings:
-        for regime in get_args(Regime):  # train_for also names a bad override when the settings load
+    def _each_regime_trains_validly(self) -> FolmSettings:
+        """Each regime's overrides are valid (train_for names a bad one when the settings load), and typed lines,
+        which repeat the title, are not forbidden to repeat it."""
+        for regime in get_args(Regime):
             repeat = self.train_for(regime).no_repeat_ngram_size
             if self.sft_lines == "typed" and repeat:
                 raise ValueError(f"sft_lines 'typed' repeats the query on every line: set folm.train."
@@ -472,11 +486,6 @@ PROFILES: dict[str, dict] = {
 
 class SettingsError(ValueError):
     """A deployment YAML or override that cannot be used; the message names the file and the field."""
-
-
-def validation_problems(err: ValidationError) -> str:
-    """Each field pydantic rejected, by its dotted path, with the reason."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
 
 
 def _read_deployment(path: Path, explicit: bool) -> dict:

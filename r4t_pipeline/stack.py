@@ -7,8 +7,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from r4t_pipeline.encoders import EmbeddingCache, EmbeddingSpace, Encoder, build_encoder
 from r4t_pipeline.index import VectorIndex
 from r4t_pipeline.io import file_sha256
@@ -26,7 +24,7 @@ from r4t_pipeline.retrievers import (
     ZeroShotFanout,
 )
 from r4t_pipeline.rewards import FanoutScorer, RewardConfig, load_reward_preset
-from r4t_pipeline.settings import Settings, validation_problems
+from r4t_pipeline.settings import Settings, with_overrides
 
 _ENCODERS: dict[tuple, Encoder] = {}
 _SPACES: dict[tuple, EmbeddingSpace] = {}
@@ -61,13 +59,9 @@ def onnx_dir(settings: Settings) -> str | None:
 
 def reward_config(settings: Settings, regime: str) -> RewardConfig:
     name = settings.rewards.presets[regime]
-    overrides = settings.rewards.overrides.get(regime, {})
-    try:  # validated, not model_copy(update=): a misspelt field or a weight such as "1/3" must not pass unnoticed
-        config = RewardConfig.model_validate({**load_reward_preset(name).model_dump(), **overrides,
-                                              "k": settings.rewards.k})
-    except ValidationError as err:
-        raise ValueError(f"reward preset {name!r} with rewards.overrides.{regime}: {validation_problems(err)}"
-                         ) from None
+    config = with_overrides(load_reward_preset(name), {**settings.rewards.overrides.get(regime, {}),
+                                                       "k": settings.rewards.k},
+                            f"reward preset {name!r} with rewards.overrides.{regime}")
     if config.regime != regime:
         raise ValueError(f"reward preset {name!r} with rewards.overrides.{regime} is for regime {config.regime!r}, "
                          f"not {regime!r}")

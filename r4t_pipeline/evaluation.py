@@ -1,8 +1,9 @@
 """Evaluation (SPEC §7, paper Appendix B) of any `Retriever` on held-out queries.
 
 WSCR: Recall@pool and Hit@pool (each of K directions retrieves pool/K candidates, none taken twice; the paper's
-pool is 5,000 = 10 x 500; we also report a pool of 3.5% of the catalog, the paper's pool-to-catalog ratio), and
-the Vendi Score across R independent runs of each query's representative embedding (mean direction).
+pool is 5,000 = 10 x 500; we also report a pool of 3.5% of the catalog, the paper's pool-to-catalog ratio), each a
+mean over R independent runs per query, and the Vendi Score across those runs of each query's representative
+embedding (mean direction).
 OAR: embedding proxies, on 0-100, of the paper's LLM-judge dimensions:
   groundedness = mean cos(retrieved collection, the direction that retrieved it)
   diversity    = (VS(retrieved collections) - 1) / (K - 1)   (Vendi, cosine kernel; duplicates count)
@@ -39,7 +40,7 @@ from r4t_pipeline.stats import defined_means, mean_and_error
 from r4t_pipeline.tracking import NamedLogFn
 
 METRICS_FILE = "metrics.json"  # what `run_evaluation` returns, as the evaluation asset writes it
-RESULT_VERSION = 3  # of what `run_evaluation` returns: bump when a field is added or changes meaning
+RESULT_VERSION = 4  # of what `run_evaluation` returns: bump when a field is added or changes meaning
 # (method, against): the paper's claims, each a paired difference over the same test queries
 COMPARISONS = (("zero_shot", "no_fanout"), ("r4t_folm", "zero_shot"), ("r4t_diffusion", "r4t_folm"),
                ("r4t_diffusion", "supervised_diffusion"))
@@ -94,6 +95,15 @@ def pooled_recall_and_hit(batch: RetrievalBatch, reference_ids: Sequence[Sequenc
     return scores
 
 
+def mean_over_runs(batches: Sequence[RetrievalBatch], reference_ids: Sequence[Sequence[str]], pools: dict[str, int],
+                   query_vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """Per query, Recall, Hit and query specificity averaged over R runs: one run's expected score, without the
+    sampling noise of reading it off a single run (which would otherwise enter every paired difference)."""
+    per_run = [{**pooled_recall_and_hit(batch, reference_ids, pools),
+                "query_specificity": specificity(batch, query_vectors)} for batch in batches]
+    return {name: np.mean([run[name] for run in per_run], axis=0) for name in per_run[0]}
+
+
 def summarize(scores: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Mean and bootstrap standard error over queries of each per-query score."""
     return {name: mean_and_error(values) for name, values in scores.items()}
@@ -102,13 +112,12 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
 def wscr_scores(retriever: Retriever, queries: list[str], reference_ids: list[list[str]], pools: dict[str, int],
                 runs: int, seed: int = 0) -> tuple[dict[str, np.ndarray], float]:
     """Per-query scores and the fan-out seconds per query. `pools`: label -> pool size, e.g. {"5K": 5000, "3.5%":
-    668}; R runs are retrieved once at the largest pool, smaller pools are read off the same ranked candidates, and
-    the Vendi Score uses all R runs."""
+    668}; R runs are retrieved once at the largest pool, smaller pools are read off the same ranked candidates, every
+    score is a mean over the R runs, and the Vendi Score is taken across them."""
     batches = [retriever.retrieve(queries, max(pools.values()), seed=seed + r, reference_ids=reference_ids)
                for r in range(runs)]
-    scores = pooled_recall_and_hit(batches[0], reference_ids, pools)
+    scores = mean_over_runs(batches, reference_ids, pools, retriever.space.encode_queries(queries))
     scores["vendi"] = run_vendi(batches)
-    scores["query_specificity"] = specificity(batches[0], retriever.space.encode_queries(queries))
     return scores, sum(b.fanout_seconds for b in batches) / (runs * len(queries))
 
 
@@ -254,7 +263,8 @@ def run_evaluation(settings, regime: str, catalog_path: str, corpus_path: str, a
              f"{100 * cfg.catalog_pool_fraction:g}%": max(k, round(cfg.catalog_pool_fraction * catalog.items.height))}
     about = {"catalog": catalog.name, "regime": regime, "queries": len(queries), "pools": pools,
              "validation_queries": val.height, "query_sources": dict(test["source"].value_counts().iter_rows()),
-             "leakage": float(test["leakage"].mean()) if regime == "wscr" and test.height else None}
+             "leakage": float(test["leakage"].mean()) if regime == "wscr" and test.height else None,
+             **({"runs": cfg.runs} if regime == "wscr" else {})}
     if not queries or not val.height:
         return {**about, "metrics": {}, "examples": {}, "validation_reward": {},
                 "skipped": f"no {regime.upper()} {'test' if not queries else 'validation'} queries: the catalog has "

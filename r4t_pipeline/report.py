@@ -134,8 +134,11 @@ def _pool_note(evaluation: dict) -> str:
         return ("Embedding proxies (0-100) of the paper's LLM-judge dimensions; K directions, one collection each. "
                 "Mean ± bootstrap standard error over test queries." + kept)
     pools = ", ".join(f"{label} = {size:,} candidates" for label, size in evaluation["pools"].items())
+    runs = (f"Each query's scores are means over its {evaluation['runs']} independent runs, the Vendi Score taken "
+            "across them." if "runs" in evaluation  # absent before RESULT_VERSION 4: scores of the first run
+            else "Vendi across independent runs.")
     return (f"Pools per query: {pools} (the paper's 5K is 3.5% of its catalog; both shown). Recall/Hit in %. "
-            "Vendi across independent runs. Mean ± bootstrap standard error over test queries." + kept)
+            f"{runs} Mean ± bootstrap standard error over test queries." + kept)
 
 
 def _figure_png(draw) -> str:

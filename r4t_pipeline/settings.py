@@ -252,7 +252,8 @@ class EvaluationSettings(Section):
     max_queries: int | None = 200
     max_validation_queries: int | None = Field(None, description="validation queries for the training-reward "
                                                                  "table; None: as many as max_queries")
-    runs: int = Field(5, description="independent runs per query for the WSCR Vendi Score")
+    runs: int = Field(5, description="independent runs per query (WSCR): its scores are their means, and the "
+                                     "Vendi Score is taken across them")
     keep_query_methods: list[str] = Field(default_factory=list,
                                           description="fan-out methods evaluated again with the query kept as one "
                                                       "more direction (reported as '<method> + query')")

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from r4t_pipeline.evaluation import paired_differences, run_vendi, wscr_pool_metrics
+from r4t_pipeline.evaluation import mean_over_runs, paired_differences, run_vendi, specificity, wscr_pool_metrics
 from r4t_pipeline.report import metrics_table, render_html, render_markdown
 from r4t_pipeline.retrievers import Fanout, RetrievalBatch
 from r4t_pipeline.stats import mean_and_error
@@ -20,6 +20,23 @@ def test_recall_and_hit_by_hand():
     scores = wscr_pool_metrics(batch, [["a", "b", "z", "z"], ["q"]])
     np.testing.assert_allclose(scores["recall"], [2 / 3, 0.0])  # the reference is a set: {a, b, z}
     np.testing.assert_allclose(scores["hit"], [1.0, 0.0])
+
+
+def test_wscr_scores_are_means_over_the_runs():
+    """A reference item found in one run of two counts half; smaller pools are read off each run's candidates."""
+    def run(first_direction, first_ids, second_ids):
+        return RetrievalBatch([Fanout("q1", np.array([first_direction], np.float32), [first_ids], [np.ones(2)]),
+                               Fanout("q2", np.array([[0, 1]], np.float32), [second_ids], [np.ones(2)])], 0, 0)
+
+    runs = [run([1, 0], ["a", "c"], ["y", "z"]), run([0, 1], ["a", "b"], ["x", "y"])]
+    query_vectors = np.eye(2, dtype=np.float32)
+    scores = mean_over_runs(runs, [["a", "b"], ["x"]], {"2": 2, "1": 1}, query_vectors)
+    np.testing.assert_allclose(scores["recall@2"], [75, 50])  # q1: 1/2 then 2/2; q2: 0 then 1/1
+    np.testing.assert_allclose(scores["hit@2"], [100, 50])
+    np.testing.assert_allclose(scores["recall@1"], [50, 50])  # the first candidate of each run: a, a; y, x
+    np.testing.assert_allclose(scores["query_specificity"],  # q1's second run points at q2
+                               (specificity(runs[0], query_vectors) + specificity(runs[1], query_vectors)) / 2)
+    assert scores["query_specificity"][0] < specificity(runs[0], query_vectors)[0]
 
 
 def test_a_batch_size_projected_over_the_budget_is_skipped_with_every_larger_one():
@@ -87,6 +104,7 @@ def test_report_renders_both_tables_in_method_order(smoke):
     assert page.count("<table>") == 9 and "| Ceiling: the categories of the reference items" in markdown
     assert markdown.count("| Zero-shot fan-out − No fan-out | ") == 2
     assert markdown.count("query_specificity: how much more the directions point at their own query") == 2
+    assert "Each query's scores are means over its 2 independent runs" in markdown  # smoke: runs 2
     recalls = " | ".join(f"recall@{label}" for label in evaluations[1]["pools"])
     assert "| comparison | diversity | average |" in markdown and f"| comparison | {recalls} |" in markdown
     assert "src='data:image/png;base64," in page and "http" not in page

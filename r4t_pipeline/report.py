@@ -135,7 +135,7 @@ def _pool_note(evaluation: dict) -> str:
                 "Mean ± bootstrap standard error over test queries." + kept)
     pools = ", ".join(f"{label} = {size:,} candidates" for label, size in evaluation["pools"].items())
     runs = (f"Each query's scores are means over its {evaluation['runs']} independent runs, the Vendi Score taken "
-            "across them." if "runs" in evaluation  # absent before RESULT_VERSION 4: scores of the first run
+            "across them." if "runs" in evaluation  # absent before WSCR's RESULT_VERSION 4: first-run scores
             else "Vendi across independent runs.")
     return (f"Pools per query: {pools} (the paper's 5K is 3.5% of its catalog; both shown). Recall/Hit in %. "
             f"{runs} Mean ± bootstrap standard error over test queries." + kept)

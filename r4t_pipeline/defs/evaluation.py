@@ -46,7 +46,7 @@ def evaluation_asset(settings: Settings, name: str, regime: str):
               ins={**_stage_ins(name, regime), "catalog": dg.AssetIn(key=[name, "catalog"])},
               # the validation reward is the regime's; Best-of-N selects by the reference-free OAR reward
               code_version=code_version(settings.evaluation.version(), settings.diffusion.sampling(),
-                                        settings.folm.decoding(regime), settings.query_runtime, RESULT_VERSION,
+                                        settings.folm.decoding(regime), settings.query_runtime, RESULT_VERSION[regime],
                                         reward_version(settings, regime), reward_version(settings, "oar")),
               description=f"Every fan-out method (no fan-out, zero-shot, Best-of-N, R4T-FOLM, R4T-Diffusion and the "
                           f"supervised anchor) on the {name} {regime.upper()} test split.")

@@ -198,6 +198,17 @@ def test_a_config_change_moves_only_the_code_version_of_the_asset_it_configures(
     assert {name for name in baseline if baseline[name] != after[name]} == changed
 
 
+def test_a_result_version_bump_moves_only_the_evaluations_of_its_regime(tmp_path, monkeypatch):
+    """When what one regime's evaluation returns changes meaning, the other regime's evaluations stay fresh."""
+    from r4t_pipeline.evaluation import RESULT_VERSION
+
+    both = {"regimes": ["oar", "wscr"]}
+    baseline = code_versions(tmp_path, both)
+    monkeypatch.setitem(RESULT_VERSION, "wscr", RESULT_VERSION["wscr"] + 1)
+    after = code_versions(tmp_path, both)
+    assert {name for name in baseline if baseline[name] != after[name]} == {"polyvore/wscr/evaluation"}
+
+
 def test_a_reward_weight_change_marks_exactly_the_folm_and_its_downstream_stale(reward_change):
     assert reward_change["fresh_before"] == ({}, set())
     assert reward_change["reported"] == {"polyvore/oar/folm_checkpoint": ["has a new code version"],
